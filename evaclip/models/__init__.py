@@ -1,0 +1,1 @@
+"""EVA-CLIP vision towers: the preset registry, model construction and weight loading."""
