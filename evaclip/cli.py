@@ -1,9 +1,8 @@
 """The `evaclip` command line.
 
-Sub-commands live next to what they drive: the trainer's in `evaclip.trainer.commands`,
-the operator's in `evaclip.operator.commands`, the model tools in
-`evaclip.models.commands`. Each of those modules has `register(subparsers)` and keeps
-heavy imports inside its handlers, so `evaclip --help` stays fast.
+Sub-commands live next to what they drive (see COMMAND_MODULES). Each of those modules
+has `register(subparsers)` and keeps heavy imports inside its handlers, so
+`evaclip --help` stays fast.
 
 A `UserError` anywhere becomes one line on stderr and exit code 1; nothing the user can
 fix ends in a traceback.
@@ -20,9 +19,11 @@ from evaclip import __version__
 from evaclip.errors import UserError
 
 COMMAND_MODULES = (
-    "evaclip.models.commands",
-    "evaclip.trainer.commands",
-    "evaclip.operator.commands",
+    "evaclip.models.commands",  # model list / info, features
+    "evaclip.plan",  # plan
+    "evaclip.trainer.commands",  # run, train, datasets
+    "evaclip.operator.commands",  # operator
+    "evaclip.reference",  # docs
 )
 
 
