@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -40,7 +41,7 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> SpecErr
     # Model-level validators raise with loc () and name the fields in their message.
     loc = tuple(p for p in first["loc"] if p not in ("function-after", "function-before"))
     field = ".".join(x for x in [prefix, _path(loc)] if x)
-    msg = first["msg"].removeprefix("Value error, ")
+    msg = re.sub(r" or instance of \w+", "", first["msg"].removeprefix("Value error, "))
     kind = first["type"]
     if kind == "missing":
         text = f"{field}: required field is missing"

@@ -395,6 +395,18 @@ class StorageSpec(_Model):
         default=8, ge=1, le=64, description="Parallel parts in multipart transfers."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_credentials(cls, data: Any) -> Any:
+        inline = {"credentials", "accessKeyId", "secretAccessKey", "sessionToken"}
+        found = sorted(inline & set(data)) if isinstance(data, dict) else []
+        if found:
+            raise ValueError(
+                f"{found[0]}: credentials are never accepted in the manifest; put them in a "
+                "Secret and set storage.credentialsSecret.name (or use workload identity)"
+            )
+        return data
+
 
 class Toleration(_Model):
     """A pod toleration, as in the core API."""
