@@ -19,7 +19,17 @@ Family = Literal["eva-clip-18b", "eva-clip-8b", "eva02-clip-e14", "eva02-clip-bl
 
 @dataclass(frozen=True)
 class Preset:
-    """The architecture of one EVA-CLIP vision tower."""
+    """The architecture of one EVA-CLIP vision tower.
+
+    `width` is the token width, `mlp_hidden` the MLP hidden size (per branch for SwiGLU),
+    `embed_dim` the size of the projected CLIP embedding. `post_norm` selects
+    `x + norm(f(x))` blocks instead of `x + f(norm(x))`. `qkv_bias` means q and v biases
+    with the k bias fixed at 0. `fused_qkv` is one [3W, W] projection instead of separate
+    q/k/v. EVA02 B/L towers add SwiGLU with a LayerNorm inside the MLP (`scale_mlp`), a
+    LayerNorm before the attention output projection (`scale_attn_inner`) and RoPE whose
+    frequencies are laid out for a `rope_ref_grid` x `rope_ref_grid` patch grid (None: the
+    tower's own grid).
+    """
 
     name: str
     family: Family
@@ -36,7 +46,10 @@ class Preset:
     head_bias: bool
     fused_qkv: bool = True
     swiglu: bool = False
+    scale_mlp: bool = False
+    scale_attn_inner: bool = False
     rope: bool = False
+    rope_ref_grid: int | None = None
     norm_eps: float = 1e-6
     description: str = ""
     test_only: bool = False
@@ -99,21 +112,24 @@ _register(Preset(
     name="eva02-clip-l14", family="eva02-clip-bl", image_size=224, patch_size=14,
     width=1024, depth=24, heads=16, mlp_hidden=2730, embed_dim=768,
     norm="layernorm", post_norm=False, qkv_bias=True, head_bias=True,
-    fused_qkv=False, swiglu=True, rope=True,
+    fused_qkv=False, swiglu=True, scale_mlp=True, scale_attn_inner=True, rope=True,
+    rope_ref_grid=16,
     description="EVA02-CLIP-L/14 vision tower at 224 px",
 ))
 _register(Preset(
     name="eva02-clip-l14-336", family="eva02-clip-bl", image_size=336, patch_size=14,
     width=1024, depth=24, heads=16, mlp_hidden=2730, embed_dim=768,
     norm="layernorm", post_norm=False, qkv_bias=True, head_bias=True,
-    fused_qkv=False, swiglu=True, rope=True,
+    fused_qkv=False, swiglu=True, scale_mlp=True, scale_attn_inner=True, rope=True,
+    rope_ref_grid=16,
     description="EVA02-CLIP-L/14 vision tower at 336 px",
 ))
 _register(Preset(
     name="eva02-clip-b16", family="eva02-clip-bl", image_size=224, patch_size=16,
     width=768, depth=12, heads=12, mlp_hidden=2048, embed_dim=512,
     norm="layernorm", post_norm=False, qkv_bias=True, head_bias=True,
-    fused_qkv=False, swiglu=True, rope=True,
+    fused_qkv=False, swiglu=True, scale_mlp=True, scale_attn_inner=True, rope=True,
+    rope_ref_grid=16,
     description="EVA02-CLIP-B/16 vision tower",
 ))
 
@@ -140,7 +156,8 @@ _register(Preset(
     name="eva02-clip-b16-tiny", family="eva02-clip-bl", image_size=112, patch_size=16,
     width=192, depth=4, heads=3, mlp_hidden=512, embed_dim=128,
     norm="layernorm", post_norm=False, qkv_bias=True, head_bias=True,
-    fused_qkv=False, swiglu=True, rope=True, test_only=True,
+    fused_qkv=False, swiglu=True, scale_mlp=True, scale_attn_inner=True, rope=True,
+    test_only=True,
     description="EVA02-CLIP-B/L structure at test size (RoPE, SwiGLU, separate q/k/v)",
 ))
 
