@@ -44,7 +44,8 @@ def load_text(text: str, source: str = "manifest") -> EvaClipFinetune:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{source}: not valid YAML{where}: {getattr(err, 'problem', err)}")
+        problem = getattr(err, "problem", err)
+        raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
     if len(docs) != 1:
         raise SpecError(f"{source}: expected exactly one YAML document, found {len(docs)}")
     return parse_resource(docs[0])

@@ -10,7 +10,7 @@ Python attributes are snake_case; the wire names (YAML, JSON, the CRD) are camel
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -58,14 +58,14 @@ def _check_uri(value: str | None, what: str) -> str | None:
 # --- model -----------------------------------------------------------------------------
 
 
-class WeightsFormat(str, Enum):
+class WeightsFormat(StrEnum):
     auto = "auto"
     eva_clip = "evaClip"
     hugging_face = "huggingFace"
     safetensors = "safetensors"
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -106,7 +106,7 @@ class ModelSpec(_Model):
 # --- data ------------------------------------------------------------------------------
 
 
-class DataFormat(str, Enum):
+class DataFormat(StrEnum):
     image_folder = "imageFolder"
     csv = "csv"
     jsonl = "jsonl"
@@ -178,7 +178,7 @@ class DataSpec(_Model):
 # --- method ----------------------------------------------------------------------------
 
 
-class MethodType(str, Enum):
+class MethodType(StrEnum):
     linear_probe = "linearProbe"
     lora = "lora"
     partial = "partial"
@@ -285,7 +285,7 @@ class TrainingSpec(_Model):
     seed: int = Field(default=0, ge=0, description="Seed of initialisation and data order.")
 
 
-class Offload(str, Enum):
+class Offload(StrEnum):
     none = "none"
     cpu = "cpu"
 
