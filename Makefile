@@ -32,6 +32,8 @@ lint: install
 
 crd: install
 	$(VENV)/bin/evaclip crd > crds/training.evaclip.io_evaclipfinetunes.yaml
+	# The Helm chart templates the same CRD from its own copy.
+	cp crds/training.evaclip.io_evaclipfinetunes.yaml charts/evaclip-operator/files/
 
 docs: install
 	$(VENV)/bin/evaclip docs spec-reference > docs/spec-reference.md
