@@ -1,9 +1,543 @@
-"""Sub-commands of `evaclip`; see evaclip/cli.py."""
+"""The memory planner: will a job fit its GPUs, and if not, what is the smallest change that does?
+
+`plan(resource)` estimates, per GPU, the bytes of weights, gradients, optimizer states,
+activations and DeepSpeed buffers for the manifest's method, precision, ZeRO stage,
+offload, nodes x GPUs, batch size and activation checkpointing. Parameter counts come from
+the preset's tower built on the meta device (no weights, a fraction of a second even for
+eva-clip-18b); LoRA adapters are counted from the rank and the shapes of the target
+linears. When the estimate does not fit, candidate changes (checkpointing, a higher ZeRO
+stage, a smaller batch, more nodes, offload) are re-planned one at a time, then in pairs,
+and the ones that fit are reported, the least disruptive first.
+
+The arithmetic, per parameter (N = GPUs in the job):
+
+- a trained parameter costs its weight and gradient in the training precision (2 B each
+  in bf16/fp16, 4 B in fp32) plus 12 B of AdamW state (fp32 master copy, two moments; in
+  fp32 training the master copy is the weight itself, so 8 B); a frozen one only its
+  weight. Mixed-precision AdamW is thus 16 B per trained parameter.
+- ZeRO-1 divides optimizer states by N, ZeRO-2 also gradients, ZeRO-3 also weights (plus a
+  working set of two gathered blocks). Optimizer offload moves the AdamW state to host
+  memory, parameter offload (ZeRO-3) the weights.
+- Activations kept for backward per image and block are about tokens x (9 x width + 2 x MLP
+  hidden) values (4 x hidden for SwiGLU), assuming fused attention (no tokens^2 term).
+  Only blocks from the first trained one upward keep them; checkpointing keeps one block
+  input per block and recomputes one block at a time.
+- A job fits when the total stays under 90 % of the GPU memory; the rest is left for the
+  CUDA context, communication buffers and allocator fragmentation.
+
+With `resources.gpusPerNode: 0` (CPU runs) the same figures are per process and are
+checked against `resources.memory` (a pod's memory, shared by its processes) when it is
+set; otherwise they are printed and not checked.
+
+This module sits in the core layer so that the trainer and the operator can both refuse a
+plan that cannot fit; torch is imported only inside the functions that need it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from evaclip.errors import UserError
+from evaclip.spec import EvaClipFinetune, EvaClipFinetuneSpec
+
+GIB = 1024**3
+USABLE_FRACTION = 0.9
+# Elements in DeepSpeed's default reduce and all-gather buckets (5e8 each).
+_BUCKET_ELEMENTS = 500_000_000
+_ASSUMED_CLASSES = 1000
+
+_ATTN_SHORT = ("qkv", "proj", "q_proj", "k_proj", "v_proj")
+_MLP_SHORT = ("fc1", "fc2", "fc1_g", "fc1_x")
+_EMBEDDING = re.compile(r"(?:^|\.)(cls_token|reg_token|pos_embed|patch_embed|norm_pre)(?:\.|$)")
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
+
+# --- which parameters each method trains ----------------------------------------------
+
+
+def lora_target_regex(spec: EvaClipFinetuneSpec) -> str:
+    """The regular expression (peft `target_modules`) of the LoRA target linears.
+
+    Short names adapt that linear in every block (`qkv` is `...blocks.N.attn.qkv`, never
+    `patch_embed.proj`); anything else is taken as a regular expression over full module
+    names of the tower (`trunk.blocks.11.attn.qkv`).
+    """
+    lora = spec.method.lora
+    attn = [t for t in lora.target_modules if t in _ATTN_SHORT]
+    mlp = [t for t in lora.target_modules if t in _MLP_SHORT]
+    custom = [t for t in lora.target_modules if t not in _ATTN_SHORT + _MLP_SHORT]
+    if lora.include_mlp:
+        mlp += [m for m in _MLP_SHORT if m not in mlp]
+    parts = []
+    if attn:
+        parts.append(rf".*blocks\.\d+\.attn\.({'|'.join(attn)})")
+    if mlp:
+        parts.append(rf".*blocks\.\d+\.mlp\.({'|'.join(mlp)})")
+    for pattern in custom:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise UserError(
+                f"spec.method.lora.targetModules: {pattern!r} is not a short name "
+                f"({', '.join(_ATTN_SHORT + _MLP_SHORT)}) nor a valid regular expression: {err}"
+            ) from None
+        parts.append(f"(?:{pattern})")
+    return "|".join(f"(?:{p})" for p in parts)
+
+
+def lora_targets(tower: Any, spec: EvaClipFinetuneSpec) -> list[tuple[str, Any]]:
+    """The (name, nn.Linear) modules of `tower` that LoRA adapts; UserError if none.
+
+    Names are relative to the `EvaClipTower`, e.g. `trunk.blocks.0.attn.qkv`.
+    """
+    from torch import nn
+
+    regex = re.compile(lora_target_regex(spec))
+    matched = [(n, m) for n, m in tower.named_modules() if n and regex.fullmatch(n)]
+    wrong = [n for n, m in matched if not isinstance(m, nn.Linear)]
+    targets = spec.method.lora.target_modules
+    if wrong:
+        raise UserError(
+            f"spec.method.lora.targetModules: {targets} also matches {wrong[0]!r}, which is "
+            f"not a linear layer; narrow it to linears such as 'trunk.blocks.0.attn.qkv'"
+        )
+    if not matched:
+        raise UserError(
+            f"spec.method.lora.targetModules: {targets} matches no linear layer of preset "
+            f"{spec.model.preset}; use qkv, proj, q_proj, k_proj, v_proj, fc1, fc2 or a "
+            "regular expression over names like 'trunk.blocks.0.attn.qkv'"
+        )
+    return matched
+
+
+def partial_trains(name: str, depth: int, trainable_blocks: int) -> bool:
+    """Whether a tower parameter trains under method partial: the last K blocks and above."""
+    match = _BLOCK.search(name)
+    if match:
+        return int(match.group(1)) >= depth - trainable_blocks
+    return not _EMBEDDING.search(name)
+
+
+# --- counting on the meta device -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Parameter counts of a job's model (tower plus classifier head)."""
+
+    total: int
+    trained: int
+    largest_block: int
+    # Blocks that keep activations for backward (from the first trained block upward).
+    active_blocks: int
+
+    @property
+    def frozen(self) -> int:
+        return self.total - self.trained
+
+
+_Shape = tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int, int], ...]]
+
+
+@lru_cache(maxsize=64)
+def _tower_shape(preset: str) -> _Shape:
+    """(name, numel) of every tower parameter and (name, in, out) of every linear."""
+    from torch import nn
+
+    from evaclip.models import build_tower
+
+    tower = build_tower(preset, device="meta")
+    params = tuple((n, p.numel()) for n, p in tower.named_parameters())
+    linears = tuple(
+        (n, m.in_features, m.out_features)
+        for n, m in tower.named_modules()
+        if isinstance(m, nn.Linear)
+    )
+    return params, linears
+
+
+def count(spec: EvaClipFinetuneSpec) -> Counts:
+    """Count total and trained parameters of `spec`'s job on the meta device."""
+    from evaclip.models.presets import get_preset
+
+    preset = get_preset(spec.model.preset)
+    params, linears = _tower_shape(preset.name)
+    classes = len(spec.data.class_names or []) or _ASSUMED_CLASSES
+    head = preset.embed_dim * classes + classes
+    per_block: dict[int, int] = {}
+    for name, n in params:
+        match = _BLOCK.search(name)
+        if match:
+            per_block[int(match.group(1))] = per_block.get(int(match.group(1)), 0) + n
+    tower_total = sum(n for _, n in params)
+    method = spec.method.type
+    depth = preset.depth
+    if method == "full":
+        trained, active = tower_total, depth
+    elif method == "partial":
+        k = spec.method.partial.trainable_blocks
+        trained = sum(n for name, n in params if partial_trains(name, depth, k))
+        active = k
+    elif method == "lora":
+        regex = re.compile(lora_target_regex(spec))
+        hits = [(i, o) for name, i, o in linears if regex.fullmatch(name)]
+        if not hits:
+            lora_targets(_meta_tower(preset.name), spec)  # raises the UserError
+        adapters = sum(spec.method.lora.rank * (i + o) for i, o in hits)
+        tower_total += adapters
+        trained, active = adapters, depth
+    else:
+        trained, active = 0, 0
+    return Counts(
+        total=tower_total + head,
+        trained=trained + head,
+        largest_block=max(per_block.values(), default=0),
+        active_blocks=active,
+    )
+
+
+def _meta_tower(preset: str) -> Any:
+    from evaclip.models import build_tower
+
+    return build_tower(preset, device="meta")
+
+
+# --- the plan --------------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    """A candidate change to the manifest and the plan it leads to."""
+
+    description: str
+    updates: dict[str, Any]
+    plan: Plan
+
+
+@dataclass
+class Plan:
+    """Per-device memory of one job; `fits` says whether it stays under the usable memory."""
+
+    spec: EvaClipFinetuneSpec
+    counts: Counts
+    world_size: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    buffers: int
+    host_per_node: int
+    capacity: int | None
+    device: str
+    advice: list[Change] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
+
+    @property
+    def usable(self) -> int | None:
+        return None if self.capacity is None else int(self.capacity * USABLE_FRACTION)
+
+    @property
+    def checked(self) -> bool:
+        return self.capacity is not None
+
+    @property
+    def fits(self) -> bool:
+        return self.usable is None or self.total <= self.usable
+
+    def summary(self) -> str:
+        """One line: the setting and its per-device total."""
+        s = self.spec
+        ckpt = ", checkpointing" if s.deepspeed.activation_checkpointing else ""
+        off = []
+        if s.deepspeed.offload_optimizer == "cpu":
+            off.append("optimizer")
+        if s.deepspeed.offload_parameters == "cpu":
+            off.append("parameters")
+        offload = f", offload {'+'.join(off)}" if off else ""
+        return (
+            f"ZeRO-{s.deepspeed.zero_stage}{offload}{ckpt}, {s.resources.nodes} x "
+            f"{max(1, s.resources.gpus_per_node)} {self.device}s, batch "
+            f"{s.training.batch_size}: {_gib(self.total)} per {self.device}"
+        )
+
+    def table(self) -> str:
+        """The printable report: counts, a per-device table, the verdict and the advice."""
+        s = self.spec
+        c = self.counts
+        lines = [
+            f"Plan for {s.model.preset}, method {s.method.type}, {s.model.precision}, "
+            f"ZeRO-{s.deepspeed.zero_stage}, {s.resources.nodes} node(s) x "
+            f"{s.resources.gpus_per_node} GPU(s) (world size {self.world_size}), "
+            f"batch {s.training.batch_size} per {self.device}",
+            f"Parameters: {c.total / 1e9:.3f} B total, {c.trained / 1e9:.3f} B trained, "
+            f"{c.frozen / 1e9:.3f} B frozen",
+            "",
+            f"{'per ' + self.device:<22}{'GiB':>10}{'GB':>10}",
+        ]
+        rows = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer),
+            ("activations", self.activations),
+            ("DeepSpeed buffers", self.buffers),
+            ("total", self.total),
+        ]
+        for label, value in rows:
+            lines.append(f"{label:<22}{value / GIB:>10.2f}{value / 1e9:>10.2f}")
+        if self.host_per_node:
+            lines.append(f"{'host memory per node':<22}{self.host_per_node / GIB:>10.2f}"
+                         f"{self.host_per_node / 1e9:>10.2f}")
+        lines.append("")
+        lines.append(self.verdict())
+        if self.advice:
+            first, *rest = self.advice
+            lines.append(f"Smallest change that fits: {first.description} "
+                         f"({_gib(first.plan.total)} per {self.device}).")
+            for other in rest:
+                lines.append(f"  or: {other.description} "
+                             f"({_gib(other.plan.total)} per {self.device})")
+        return "\n".join(lines) + "\n"
+
+    def verdict(self) -> str:
+        if not self.checked:
+            return (f"Fits: not checked (no GPUs and no resources.memory); needs about "
+                    f"{_gib(self.total)} per process.")
+        word = "Fits" if self.fits else "Does not fit"
+        return (f"{word}: {_gib(self.total)} of {_gib(self.usable or 0)} usable per "
+                f"{self.device} ({int(USABLE_FRACTION * 100)}% of {_gib(self.capacity or 0)}).")
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.1f} GiB"
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)\s*(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P|k)?$")
+_FACTORS = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+            "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+def parse_quantity(text: str) -> int:
+    """A Kubernetes memory quantity ('200Gi', '64G', '1024Mi') in bytes."""
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise UserError(
+            f"spec.resources.memory: got {text!r}; use a Kubernetes quantity such as 200Gi"
+        )
+    return int(float(match.group(1)) * _FACTORS[match.group(2)])
+
+
+def _estimate(spec: EvaClipFinetuneSpec) -> Plan:
+    """The plan of `spec` as it stands, without advice."""
+    from evaclip.models.presets import get_preset
+
+    preset = get_preset(spec.model.preset)
+    c = count(spec)
+    ds = spec.deepspeed
+    res = spec.resources
+    on_gpu = res.gpus_per_node > 0
+    per_node = res.gpus_per_node if on_gpu else 1
+    n = res.nodes * per_node
+    p = 4 if spec.model.precision == "fp32" else 2
+    stage = ds.zero_stage if spec.method.type != "linearProbe" else 0
+    opt_bytes = 8 if p == 4 else 12
+
+    weights = c.total * p
+    gradients = c.trained * p
+    optimizer = c.trained * opt_bytes
+    host = 0
+    if stage >= 1:
+        optimizer //= n
+    if stage >= 2:
+        gradients //= n
+    if ds.offload_optimizer == "cpu" and stage >= 1:
+        host += optimizer * per_node
+        optimizer = 0
+    if stage == 3:
+        weights //= n
+        if ds.offload_parameters == "cpu":
+            host += weights * per_node
+            weights = 0
+    buffers = _buffers(stage, c, p)
+    activations = _activations(spec, preset, c, p)
+    capacity: int | None = int(res.gpu_memory_gib * GIB) if on_gpu else None
+    if not on_gpu and res.memory:
+        capacity = parse_quantity(res.memory) - host
+    return Plan(
+        spec=spec, counts=c, world_size=n, weights=weights, gradients=gradients,
+        optimizer=optimizer, activations=activations, buffers=buffers,
+        host_per_node=host, capacity=capacity, device="GPU" if on_gpu else "process",
+    )
+
+
+def _buffers(stage: int, c: Counts, p: int) -> int:
+    """DeepSpeed's communication buckets, and ZeRO-3's gathered working set."""
+    if c.trained == 0:
+        return 0
+    bucket = min(_BUCKET_ELEMENTS, c.trained) * p
+    if stage == 3:
+        return bucket + 2 * c.largest_block * p
+    return 2 * bucket
+
+
+def _activations(spec: EvaClipFinetuneSpec, preset: Any, c: Counts, p: int) -> int:
+    """Bytes of activations for one micro-batch: kept for backward plus one block's work."""
+    t, w, h = preset.tokens, preset.width, preset.mlp_hidden
+    per_block = t * (9 * w + (4 if preset.swiglu else 2) * h) * p
+    batch = spec.training.batch_size
+    images = batch * 3 * preset.image_size**2 * 4
+    if c.active_blocks == 0:
+        return images + batch * per_block
+    if spec.deepspeed.activation_checkpointing:
+        kept = c.active_blocks * t * w * p + per_block
+    else:
+        kept = c.active_blocks * per_block
+    return images + batch * kept
+
+
+# --- advice: re-plan candidate changes -------------------------------------------------
+
+
+def _variant(spec: EvaClipFinetuneSpec, updates: dict[str, Any]) -> EvaClipFinetuneSpec | None:
+    """`spec` with dotted-path updates applied, or None if that is not a valid spec."""
+    from pydantic import ValidationError
+
+    data = spec.model_dump()
+    for path, value in updates.items():
+        node = data
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        return EvaClipFinetuneSpec.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def _candidate_families(spec: EvaClipFinetuneSpec) -> list[list[tuple[str, dict[str, Any]]]]:
+    """Changes grouped by kind, least disruptive kind first; within a kind, mildest first."""
+    ds, t, r = spec.deepspeed, spec.training, spec.resources
+    families: list[list[tuple[str, dict[str, Any]]]] = []
+    if not ds.activation_checkpointing:
+        families.append([("set deepspeed.activationCheckpointing: true",
+                          {"deepspeed.activation_checkpointing": True})])
+    families.append([
+        (f"set deepspeed.zeroStage: {s}", {"deepspeed.zero_stage": s})
+        for s in range(ds.zero_stage + 1, 4)
+    ])
+    batches, b = [], t.batch_size // 2
+    while b >= 1:
+        batches.append((f"set training.batchSize: {b} (raise gradientAccumulationSteps to "
+                        "keep the global batch)", {"training.batch_size": b}))
+        b //= 2
+    families.append(batches)
+    nodes = [r.nodes * k for k in (2, 3, 4, 6, 8, 12, 16, 24, 32) if r.nodes * k <= 1024]
+    families.append([(f"set resources.nodes: {m}", {"resources.nodes": m}) for m in nodes])
+    if ds.offload_optimizer != "cpu":
+        families.append([("set deepspeed.offloadOptimizer: cpu",
+                          {"deepspeed.offload_optimizer": "cpu"})])
+    if ds.offload_parameters != "cpu":
+        families.append([("set deepspeed.offloadParameters: cpu (with zeroStage 3)",
+                          {"deepspeed.offload_parameters": "cpu", "deepspeed.zero_stage": 3})])
+    return [f for f in families if f]
+
+
+def _first_fit(spec: EvaClipFinetuneSpec, family: list[tuple[str, dict[str, Any]]],
+               base: tuple[str, dict[str, Any]] | None = None) -> Change | None:
+    for description, updates in family:
+        if base is not None:
+            description = f"{base[0]} and {description}"
+            updates = {**base[1], **updates}
+        variant = _variant(spec, updates)
+        if variant is None:
+            continue
+        planned = _estimate(variant)
+        if planned.fits:
+            return Change(description, updates, planned)
+    return None
+
+
+def advise(spec: EvaClipFinetuneSpec) -> list[Change]:
+    """Changes that make `spec` fit, one per kind of change, the least disruptive first.
+
+    For each kind (checkpointing, ZeRO stage, batch size, nodes, offload) the mildest
+    setting that fits alone is taken; when none does, the mildest one that fits together
+    with a change of another kind. Changes that fit alone come before pairs.
+    """
+    families = _candidate_families(spec)
+    singles: list[Change] = []
+    pairs: list[Change] = []
+    for i, family in enumerate(families):
+        alone = _first_fit(spec, family)
+        if alone is not None:
+            singles.append(alone)
+            continue
+        for other in families[:i] + families[i + 1:]:
+            paired = next(
+                (ch for base in family if (ch := _first_fit(spec, other, base)) is not None),
+                None,
+            )
+            if paired is not None:
+                pairs.append(paired)
+                break
+    return singles + pairs
+
+
+def plan_spec(spec: EvaClipFinetuneSpec) -> Plan:
+    """The plan of a job spec, with advice when it does not fit."""
+    result = _estimate(spec)
+    if not result.fits:
+        result.advice = advise(spec)
+    return result
+
+
+def plan(resource: EvaClipFinetune) -> Plan:
+    """The plan of a whole EvaClipFinetune resource."""
+    return plan_spec(resource.spec)
+
+
+def require_fit(resource: EvaClipFinetune | EvaClipFinetuneSpec) -> Plan:
+    """Return the plan, or raise UserError with the verdict and the smallest fitting change."""
+    spec = resource.spec if isinstance(resource, EvaClipFinetune) else resource
+    result = plan_spec(spec)
+    if result.fits:
+        return result
+    if result.advice:
+        hint = f"smallest change that fits: {result.advice[0].description}"
+    else:
+        hint = "no single or paired change of ZeRO stage, offload, nodes, batch size or " \
+               "checkpointing fits; use GPUs with more memory"
+    raise UserError(
+        f"spec.resources.gpuMemoryGib: the job needs {_gib(result.total)} per "
+        f"{result.device} but {_gib(result.usable or 0)} is usable ({result.summary()}); "
+        f"{hint}; see `evaclip plan`"
+    )
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def _plan_command(args: argparse.Namespace) -> int:
+    from evaclip.manifest import load_manifest
+
+    result = plan(load_manifest(args.manifest))
+    print(result.table(), end="")
+    return 0 if result.fits else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this area's sub-commands to the `evaclip` parser."""
+    """Add `evaclip plan MANIFEST`."""
+    p = sub.add_parser(
+        "plan",
+        help="print per-GPU memory of a manifest's job and whether it fits",
+        description="Estimate per-GPU bytes of weights, gradients, optimizer states and "
+        "activations; exit 0 when the job fits, 1 with the smallest fitting change when not.",
+    )
+    p.add_argument("manifest", help="EvaClipFinetune manifest file")
+    p.set_defaults(func=_plan_command)
