@@ -144,19 +144,20 @@ _Shape = tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int, int], ...]]
 
 @lru_cache(maxsize=64)
 def _tower_shape(preset: str) -> _Shape:
-    """(name, numel) of every tower parameter and (name, in, out) of every linear."""
+    """(name, numel) of every tower parameter; (name, in, out) of every module (0, 0 if
+    it is not a linear)."""
     from torch import nn
 
     from evaclip.models import build_tower
 
     tower = build_tower(preset, device="meta")
     params = tuple((n, p.numel()) for n, p in tower.named_parameters())
-    linears = tuple(
-        (n, m.in_features, m.out_features)
+    modules = tuple(
+        (n, m.in_features, m.out_features) if isinstance(m, nn.Linear) else (n, 0, 0)
         for n, m in tower.named_modules()
-        if isinstance(m, nn.Linear)
+        if n
     )
-    return params, linears
+    return params, modules
 
 
 def count(spec: EvaClipFinetuneSpec) -> Counts:
@@ -184,7 +185,7 @@ def count(spec: EvaClipFinetuneSpec) -> Counts:
     elif method == "lora":
         regex = re.compile(lora_target_regex(spec))
         hits = [(i, o) for name, i, o in linears if regex.fullmatch(name)]
-        if not hits:
+        if not hits or not all(i for i, _ in hits):
             lora_targets(_meta_tower(preset.name), spec)  # raises the UserError
         adapters = sum(spec.method.lora.rank * (i + o) for i, o in hits)
         tower_total += adapters
