@@ -379,17 +379,23 @@ def _unify_dtype(sd: StateDict, dtype: torch.dtype | None) -> StateDict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def _local(uri: str | Path, storage: Any, directory: bool | None) -> Path:
-    """A local path for `uri`: local paths as they are, s3:// through `storage`."""
-    text = str(uri)
-    if "://" not in text:
-        return Path(text.removeprefix("file://")).expanduser()
-    if storage is None:
-        from evaclip.storage import Storage  # type: ignore[import-not-found]
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
-        storage = Storage()
-    as_tree = directory if directory is not None else not Path(text).suffix
-    return Path(storage.fetch_tree(text) if as_tree else storage.fetch(text))
+
+def _local(uri: str | Path, storage: Any, fmt: str) -> Path:
+    """A local path for `uri`: local paths as they are; s3:// objects through the node cache
+    of `storage` (one download per node, the other ranks wait for it and map the same
+    files)."""
+    from evaclip.storage import Storage, is_s3
+
+    text = str(uri)
+    if not is_s3(text):
+        return Path(text.removeprefix("file://")).expanduser()
+    storage = storage if storage is not None else Storage.from_env()
+    one_file = fmt != "huggingFace" and text.endswith(_FILE_SUFFIXES)
+    if one_file:
+        return Path(storage.fetch(text, field="model.weights"))
+    return Path(storage.fetch_tree(text, field="model.weights"))
 
 
 def load_weights(
@@ -406,8 +412,7 @@ def load_weights(
     URIs to the node's cache, shared by the node's ranks. `dtype` casts floating tensors
     (None keeps the file's precision). The tower ends up on the CPU.
     """
-    directory = True if format == "huggingFace" else None
-    path = _local(uri_or_path, storage, directory)
+    path = _local(uri_or_path, storage, format)
     raw, layout = read_checkpoint(path, format, trust_remote_code)
     sd = _unify_dtype(REMAPS[layout](raw, tower.preset), dtype)
     check_state_dict(sd, tower.trunk.state_dict(keep_vars=True), tower.preset.name)

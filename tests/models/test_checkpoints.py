@@ -178,3 +178,25 @@ def test_hf_index_naming_a_missing_shard(tmp_path: Path) -> None:
     (root / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(UserError, match="model-00002-of-00003.safetensors"):
         load_weights(build_tower("eva-clip-8b-tiny"), root)
+
+
+def test_load_from_s3_through_the_node_cache(tmp_path: Path) -> None:
+    """An s3:// Hugging Face prefix and an s3:// .pt object load through Storage's cache."""
+    from evaclip.s3server import EmbeddedS3
+
+    reference = reference_eva("eva02-clip-b16-tiny")
+    root = write_hf_dir(reference, tmp_path / "hf", kind="safetensors", shards=2)
+    pt = write_eva_clip_pt(reference, tmp_path / "eva.pt")
+    with EmbeddedS3(buckets=["weights"]) as s3:
+        storage = s3.storage(cache_dir=tmp_path / "cache")
+        storage.upload_tree(root, "s3://weights/hf/b16")
+        storage.upload_file(pt, "s3://weights/eva/b16.pt")
+        for uri in ("s3://weights/hf/b16", "s3://weights/eva/b16.pt"):
+            tower = build_tower("eva02-clip-b16-tiny")
+            load_weights(tower, uri, storage=storage)
+            assert_same_outputs(tower.eval(), reference)
+        with pytest.raises(UserError, match="model.weights"):
+            load_weights(build_tower("eva02-clip-b16-tiny"), "s3://weights/none.pt",
+                         storage=storage)
+    cached = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(cached) == 2
