@@ -24,6 +24,7 @@ import random
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -197,10 +198,12 @@ class FaultProxy:
     each matching request with probability ``p`` until ``calm()``. Kinds: ``"503"``
     (SlowDown), ``"500"`` (InternalError), ``"reset"`` (forward the request, then send half
     of the response and reset the connection; with no body to halve, reset at once).
-    ``requests``/``count()`` tell what arrived and ``faults`` how many of each were injected.
+    ``requests``/``count()`` tell what arrived and ``faults`` how many of each were injected;
+    ``max_in_flight`` is the most requests handled at once (parallel transfers show there).
+    ``latency`` seconds are added before forwarding each request.
     """
 
-    def __init__(self, upstream: str, port: int = 0, seed: int = 0) -> None:
+    def __init__(self, upstream: str, port: int = 0, seed: int = 0, latency: float = 0.0) -> None:
         parsed = urlparse(upstream)
         if parsed.hostname not in (LOCALHOST, "localhost"):
             raise ValueError(f"FaultProxy only fronts servers on {LOCALHOST}, not {upstream}")
@@ -209,6 +212,9 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._state = _State()
+        self.latency = latency
+        self._in_flight = 0
+        self.max_in_flight = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.endpoint = ""
@@ -282,6 +288,7 @@ class FaultProxy:
         with self._lock:
             self._state.seen.clear()
             self._state.faults.clear()
+            self.max_in_flight = 0
 
     # ----------------------------------------------------------------- counters
 
@@ -311,6 +318,15 @@ class FaultProxy:
         )
 
     # ----------------------------------------------------------------- used by the handler
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def _choose(self, method: str, path: str) -> str | None:
         with self._lock:
@@ -380,7 +396,16 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         proxy: FaultProxy = self.server.proxy
+        proxy._enter()
+        try:
+            self._handle_one(proxy)
+        finally:
+            proxy._leave()
+
+    def _handle_one(self, proxy: FaultProxy) -> None:
         body = self._read_body()
+        if proxy.latency:
+            time.sleep(proxy.latency)
         fault = proxy._choose(self.command, self.path)
         if fault in _ERRORS:
             self._send_error(fault)

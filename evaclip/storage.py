@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -116,6 +117,7 @@ class ObjectInfo:
     relpath: str
     size: int
     etag: str | None = None
+    sha256: str | None = None  # known for files this process uploaded
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,37 @@ def _temp_for(dest: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _local_io(uri: str, field: str | None, action: str) -> Iterator[None]:
+    """Turn local file-system failures into a UserError (path, permissions) or StorageError."""
+    try:
+        yield
+    except (UserError, StorageError, _IntegrityError):
+        raise
+    except FileNotFoundError:
+        raise UserError(_named(field, f"{uri} does not exist; check the path")) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        user_side = (PermissionError, IsADirectoryError, NotADirectoryError)
+        if isinstance(exc, user_side) or exc.errno == errno.EROFS:
+            raise UserError(
+                _named(
+                    field, f"cannot {action} {uri} ({reason}); check the path and its permissions"
+                )
+            ) from None
+        raise StorageError(_named(field, f"could not {action} {uri}: {reason}")) from exc
+
+
+def _copy_hashed(src: Path, tmp: Path) -> str:
+    """Copy ``src`` to ``tmp`` and return its SHA-256, reading it once."""
+    sha = hashlib.sha256()
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while block := fin.read(_BLOCK):
+            sha.update(block)
+            fout.write(block)
+    return sha.hexdigest()
+
+
 def _local_files(root: Path) -> list[tuple[str, Path]]:
     """Files under ``root`` as (relpath with /, path), sorted; temp files skipped."""
     if root.is_file():
@@ -371,6 +404,23 @@ def _is_transient(exc: BaseException) -> bool:
         TimeoutError,
     )
     return isinstance(exc, transient)
+
+
+def _is_storage_failure(exc: BaseException) -> bool:
+    """Errors raised by the SDK, the network or a check: reported as StorageError."""
+    import boto3.exceptions as b3ex
+    import botocore.exceptions as bex
+    from s3transfer.exceptions import RetriesExceededError
+
+    kinds = (
+        bex.BotoCoreError,
+        bex.ClientError,
+        b3ex.Boto3Error,
+        RetriesExceededError,
+        OSError,
+        _IntegrityError,
+    )
+    return _is_transient(exc) or isinstance(exc, kinds)
 
 
 def _brief(exc: BaseException) -> str:
@@ -609,9 +659,7 @@ class Storage:
             user = _user_error(exc, uri, field, action)
             if user is not None:
                 raise user from None
-            import botocore.exceptions as bex
-
-            if not _is_transient(exc) and not isinstance(exc, bex.BotoCoreError | OSError):
+            if not _is_storage_failure(exc):
                 raise
             where = f" at {self.endpoint}" if self.endpoint else ""
             raise StorageError(
@@ -699,11 +747,8 @@ class Storage:
     def read_bytes(self, uri: str, *, field: str | None = None) -> bytes:
         """The whole content of one object or file."""
         if not is_s3(uri):
-            path = _local_path(uri)
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                raise UserError(_named(field, f"{uri} does not exist; check the path")) from None
+            with _local_io(uri, field, "read"):
+                return _local_path(uri).read_bytes()
         bucket, key = _split_s3(uri)
 
         def get() -> bytes:
@@ -719,7 +764,7 @@ class Storage:
         """Store ``data`` at ``uri``; local writes go through a temp file and a rename."""
         if not is_s3(uri):
             dest = _local_path(uri)
-            with _temp_for(dest) as tmp:
+            with _local_io(uri, field, "write"), _temp_for(dest) as tmp:
                 tmp.write_bytes(data)
                 _fsync_replace(tmp, dest)
             return
@@ -740,7 +785,8 @@ class Storage:
             src = _local_path(uri)
             if not src.is_file():
                 raise UserError(_named(field, f"{uri} does not exist or is not a file"))
-            self._copy_local(src, dest)
+            with _local_io(str(dest), field, "write"):
+                self._copy_local(src, dest)
             return dest
         self._download_s3(uri, dest, field=field)
         return dest
@@ -768,14 +814,17 @@ class Storage:
         self._call("download", uri, once, field=field)
         return result["head"]
 
-    def _copy_local(self, src: Path, dest: Path) -> None:
-        if src.resolve() == dest.resolve():
-            return
+    @staticmethod
+    def _copy_local(src: Path, dest: Path) -> str:
+        """Copy through a temp file and a rename; returns the SHA-256 of the content."""
+        if dest.exists() and src.resolve() == dest.resolve():
+            return _digest(src, sha256=True)["sha256"]
         with _temp_for(dest) as tmp:
-            shutil.copyfile(src, tmp)
+            sha = _copy_hashed(src, tmp)
             if tmp.stat().st_size != src.stat().st_size:
                 raise StorageError(f"copy of {src} to {dest} came out short")
             _fsync_replace(tmp, dest)
+        return sha
 
     def upload_file(
         self, path: str | os.PathLike[str], uri: str, *, field: str | None = None
@@ -786,14 +835,14 @@ class Storage:
             raise UserError(_named(field, f"{path} does not exist or is not a file"))
         size = path.stat().st_size
         if not is_s3(uri):
-            self._copy_local(path, _local_path(uri))
-            return ObjectInfo(uri, str(_local_path(uri)), path.name, size)
+            with _local_io(uri, field, "write"):
+                sha = self._copy_local(path, _local_path(uri))
+            return ObjectInfo(uri, str(_local_path(uri)), path.name, size, sha256=sha)
         multipart, part_size = self._expected_etag_kind(size)
         digest = _digest(path, md5=not multipart, sha256=True, part_size=part_size)
         expected = digest.get("multipart_etag") or digest["md5"]
         etag = self._upload_s3(path, uri, size, digest["sha256"], expected, field=field)
-        bucket, key = _split_s3(uri)
-        return ObjectInfo(uri, key, path.name, size, etag)
+        return ObjectInfo(uri, _split_s3(uri)[1], path.name, size, etag, digest["sha256"])
 
     def _upload_s3(
         self, path: Path, uri: str, size: int, sha256: str, expected_etag: str, *, field: str | None
@@ -840,7 +889,7 @@ class Storage:
             ]
             infos = [f.result() for f in futures]
         return [
-            ObjectInfo(info.uri, info.key, rel, info.size, info.etag)
+            ObjectInfo(info.uri, info.key, rel, info.size, info.etag, info.sha256)
             for info, (rel, _, _) in zip(infos, items, strict=True)
         ]
 
@@ -849,7 +898,8 @@ class Storage:
     def delete(self, uri: str, *, field: str | None = None) -> None:
         """Remove one object or file; a missing one is not an error."""
         if not is_s3(uri):
-            _local_path(uri).unlink(missing_ok=True)
+            with _local_io(uri, field, "delete"):
+                _local_path(uri).unlink(missing_ok=True)
             return
         bucket, key = _split_s3(uri)
         self._call(
@@ -859,7 +909,31 @@ class Storage:
     def delete_prefix(self, uri: str, *, field: str | None = None) -> int:
         """Remove every object under ``uri`` taken as a folder; returns how many."""
         if not is_s3(uri):
-            path = _local_path(uri)
+            return self._delete_local_tree(_local_path(uri), uri, field)
+        bucket, _ = _split_s3(uri)
+        keys = [o.key for o in self.list(uri, field=field)]
+        for start in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True}
+            self._call(
+                "delete under",
+                uri,
+                lambda b=batch: self._delete_batch(bucket, b),
+                field=field,
+            )
+        return len(keys)
+
+    def _delete_batch(self, bucket: str, batch: dict[str, Any]) -> None:
+        from botocore.exceptions import ClientError
+
+        errors = self._client.delete_objects(Bucket=bucket, Delete=batch).get("Errors") or []
+        if errors:
+            first = errors[0]
+            response = {"Error": {"Code": first.get("Code", ""), "Message": first.get("Message")}}
+            raise ClientError(response, "DeleteObjects")  # type: ignore[arg-type]
+
+    @staticmethod
+    def _delete_local_tree(path: Path, uri: str, field: str | None) -> int:
+        with _local_io(uri, field, "delete"):
             if path.is_dir():
                 count = len(_local_files(path))
                 shutil.rmtree(path)
@@ -868,17 +942,6 @@ class Storage:
                 path.unlink()
                 return 1
             return 0
-        bucket, _ = _split_s3(uri)
-        keys = [o.key for o in self.list(uri, field=field)]
-        for start in range(0, len(keys), 1000):
-            batch = {"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True}
-            self._call(
-                "delete under",
-                uri,
-                lambda b=batch: self._client.delete_objects(Bucket=bucket, Delete=b),
-                field=field,
-            )
-        return len(keys)
 
     # ----------------------------------------------------------------- checks
 
@@ -1115,7 +1178,7 @@ class Storage:
                 raise StorageError(
                     _named(field, f"{info.uri} is not stored as uploaded; publish again")
                 )
-            sha = _digest(root / info.relpath, sha256=True)["sha256"]
+            sha = info.sha256 or _digest(root / info.relpath, sha256=True)["sha256"]
             entries.append(
                 {"path": info.relpath, "size": info.size, "sha256": sha, "etag": info.etag}
             )
