@@ -486,6 +486,49 @@ def _quiet_sdk_loggers() -> None:
 # --------------------------------------------------------------------------- Storage
 
 
+def _endpoint(given: str | None) -> str | None:
+    """The endpoint to use: given, else EVACLIP_S3_ENDPOINT, else boto3's own variables."""
+    for source, value in (
+        ("storage.endpoint", given),
+        (ENDPOINT_ENV, os.environ.get(ENDPOINT_ENV)),
+        ("AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL_S3")),
+        ("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT_URL")),
+    ):
+        if value and value.strip():
+            value = value.strip().rstrip("/")
+            parsed = urlparse(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise UserError(
+                    f"{source}: got {value!r}; an S3 endpoint is an http:// or https:// URL, "
+                    "as in https://minio.example:9000"
+                )
+            return value
+    return None
+
+
+def _free_space_check(dest: Path, size: int, uri: str) -> None:
+    """Fail early, before a long download, when the destination's disk cannot hold it."""
+    folder = dest.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise StorageError(
+            f"not enough disk space for {uri} at {dest.parent}: it needs {_human(size)}, "
+            f"{_human(free)} is free; free space or point {CACHE_ENV} to a larger volume"
+        )
+
+
+def _remove_stale_temps(dest: Path) -> None:
+    """Drop temp files of earlier attempts at ``dest`` that were killed before renaming.
+
+    Only called while holding the cache lock of ``dest``, when no one else writes them.
+    """
+    if dest.parent.is_dir():
+        for stale in dest.parent.glob(f"{_TMP_PREFIX}{dest.name}.*"):
+            stale.unlink(missing_ok=True)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.strip() else default
@@ -530,7 +573,7 @@ class Storage:
         from evaclip.spec import StorageSpec
 
         self.spec = spec if spec is not None else StorageSpec()
-        self.endpoint = endpoint or self.spec.endpoint or os.environ.get(ENDPOINT_ENV) or None
+        self.endpoint = _endpoint(endpoint or self.spec.endpoint)
         self.region = self.spec.region
         self.max_concurrency = self.spec.max_concurrency
         self._credentials = dict(credentials) if credentials else None
@@ -797,6 +840,7 @@ class Storage:
 
         def once() -> None:
             head = self._head(bucket, key)
+            _free_space_check(dest, head.size, uri)
             progress = _Progress("Downloading", uri, head.size, self.progress_interval)
             with _temp_for(dest) as tmp:
                 self._client.download_file(
@@ -1070,6 +1114,7 @@ class Storage:
 
     def _fetch_into_cache(self, uri: str, data: Path, meta: Path, field: str | None) -> None:
         meta.unlink(missing_ok=True)  # no record until the new copy is complete
+        _remove_stale_temps(data)
         log.info("Fetching %s into the cache.", uri)
         head = self._download_s3(uri, data, field=field)
         self._write_meta(meta, data, uri, head)
@@ -1129,14 +1174,19 @@ class Storage:
         extra: dict[str, Any] | None = None,
         *,
         field: str = "output",
+        include_existing: bool = False,
     ) -> str:
         """Upload ``local_dir`` to ``output_uri`` so that it counts only once complete.
 
         Order: remove any old manifest, upload every file, check each stored object against
         the local file, then write the manifest (files with size, SHA-256 and ETag, plus
         ``extra``) last. A run that fails or is killed on the way leaves no manifest, so its
-        output never looks complete. Files already under ``output_uri`` that the new set
-        does not contain are left alone; readers go by the manifest. Returns its URI.
+        output never looks complete. Returns the manifest's URI.
+
+        Files already under ``output_uri`` that the new set does not contain are left alone
+        and, by default, not listed: readers go by the manifest. With ``include_existing``
+        they are listed too (size, ETag, and SHA-256 where the object records one), for
+        outputs that other processes uploaded first, such as the shards of other nodes.
         """
         root = Path(local_dir)
         if not root.is_dir():
@@ -1147,6 +1197,8 @@ class Storage:
         started = time.monotonic()
         uploaded = self._upload_many([(r, p, join_uri(output_uri, r)) for r, p in files], field)
         entries = self._verify_published(root, output_uri, uploaded, field)
+        if include_existing:
+            entries = self._with_existing(output_uri, entries, manifest_name, field)
         manifest = {
             "format": MANIFEST_FORMAT,
             "uri": output_uri,
@@ -1183,6 +1235,23 @@ class Storage:
                 {"path": info.relpath, "size": info.size, "sha256": sha, "etag": info.etag}
             )
         return entries
+
+    def _with_existing(
+        self, output_uri: str, entries: list[dict[str, Any]], manifest_name: str, field: str
+    ) -> list[dict[str, Any]]:
+        """Add the objects under ``output_uri`` that this publish did not upload."""
+        known = {e["path"] for e in entries} | {manifest_name}
+        for obj in self.list(output_uri, field=field):
+            if obj.relpath in known:
+                continue
+            if is_s3(obj.uri):
+                bucket, key = _split_s3(obj.uri)
+                head = self._call("look up", obj.uri, lambda b=bucket, k=key: self._head(b, k))
+                sha = head.sha256
+            else:
+                sha = _digest(Path(obj.key), sha256=True)["sha256"]
+            entries.append({"path": obj.relpath, "size": obj.size, "sha256": sha, "etag": obj.etag})
+        return sorted(entries, key=lambda e: e["path"])
 
     def read_published(
         self, output_uri: str, manifest_name: str = MANIFEST_NAME, *, field: str | None = None

@@ -139,3 +139,14 @@ def test_ranks_of_one_node_download_once(
     assert Path(paths.pop()).read_bytes() == data
     assert _object_gets(proxy, bucket, "big.bin") == 1
     assert proxy.count("HEAD", f"/{bucket}/big.bin") >= 3  # each rank checked the object
+
+
+def test_temp_files_of_a_killed_download_are_removed(proxied: Storage, bucket: str) -> None:
+    uri = f"s3://{bucket}/w.bin"
+    proxied.write_bytes(uri, b"w" * 2048)
+    cached = proxied.fetch(uri)
+    stale = cached.with_name(f".evaclip-tmp-{cached.name}.4242.deadbeef")
+    stale.write_bytes(b"half a download")
+    cached.unlink()  # as if the worker died mid-download
+    assert proxied.fetch(uri).read_bytes() == b"w" * 2048
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["w.bin"]

@@ -106,3 +106,23 @@ def test_no_credential_value_in_logs_reprs_or_errors(
     assert len(caplog.records) > 5
     leaked = [t for t in texts for secret in SECRETS if secret in t]
     assert leaked == []
+
+
+def test_endpoint_must_be_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserError, match=r"^storage\.endpoint: got 'minio:9000'; an S3 endpoint"):
+        Storage(StorageSpec(endpoint="minio:9000"))
+    monkeypatch.setenv("EVACLIP_S3_ENDPOINT", "http://127.0.0.1:9/")
+    assert Storage().endpoint == "http://127.0.0.1:9"
+
+
+def test_download_larger_than_free_space_fails_before_transfer(
+    s3: EmbeddedS3, proxy: FaultProxy, proxied: Storage, bucket: str, tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+
+    proxied.write_bytes(f"s3://{bucket}/w.bin", b"x" * 4096)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    with pytest.raises(StorageError, match=r"not enough disk space .* needs 4\.0 KiB"):
+        proxied.fetch(f"s3://{bucket}/w.bin")
+    assert proxy.count("GET", f"/{bucket}/w.bin") == 0

@@ -95,3 +95,19 @@ def test_read_published_refuses_a_foreign_file(storage: Storage, output: str) ->
     storage.write_bytes(join_uri(output, MANIFEST_NAME), b'{"hello": 1}')
     with pytest.raises(UserError, match="not a manifest written by evaclip"):
         storage.read_published(output)
+
+
+def test_include_existing_lists_files_other_nodes_uploaded(
+    storage: Storage, output: str, tmp_path: Path
+) -> None:
+    other = tmp_path / "node1"
+    (other / "shard-1.pt").parent.mkdir(parents=True)
+    (other / "shard-1.pt").write_bytes(b"node one")
+    storage.upload_tree(other, output)
+    _outputs(tmp_path / "node0")
+    storage.publish(tmp_path / "node0", output, manifest_name="COMPLETE", include_existing=True)
+    manifest = storage.read_published(output, manifest_name="COMPLETE")
+    entries = {e["path"]: e for e in manifest["files"]}
+    assert entries["shard-1.pt"]["size"] == len(b"node one")
+    assert entries["shard-1.pt"]["sha256"] == hashlib.sha256(b"node one").hexdigest()
+    assert "head.safetensors" in entries and "COMPLETE" not in entries
