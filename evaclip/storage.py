@@ -497,6 +497,11 @@ def _endpoint(given: str | None) -> str | None:
         if value and value.strip():
             value = value.strip().rstrip("/")
             parsed = urlparse(value)
+            if "@" in value:
+                raise UserError(
+                    f"{source}: credentials are never accepted in the endpoint URL; put them in "
+                    "a Secret and set storage.credentialsSecret"
+                )
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
                 raise UserError(
                     f"{source}: got {value!r}; an S3 endpoint is an http:// or https:// URL, "
@@ -527,6 +532,15 @@ def _remove_stale_temps(dest: Path) -> None:
     if dest.parent.is_dir():
         for stale in dest.parent.glob(f"{_TMP_PREFIX}{dest.name}.*"):
             stale.unlink(missing_ok=True)
+
+
+class _Credentials(dict):
+    """Access keys handed to boto3; shown as hidden in every repr."""
+
+    def __repr__(self) -> str:
+        return "<credentials hidden>"
+
+    __str__ = __repr__
 
 
 def _env_int(name: str, default: int) -> int:
@@ -576,7 +590,7 @@ class Storage:
         self.endpoint = _endpoint(endpoint or self.spec.endpoint)
         self.region = self.spec.region
         self.max_concurrency = self.spec.max_concurrency
-        self._credentials = dict(credentials) if credentials else None
+        self._credentials = _Credentials(credentials) if credentials else None
         self.cache_dir = Path(
             cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "evaclip"
         ).expanduser()
@@ -597,6 +611,7 @@ class Storage:
             else _env_float("EVACLIP_PROGRESS_INTERVAL", 10.0)
         )
         self._client_obj: Any = None
+        self._client_pid = 0
         self._client_lock = threading.Lock()
 
     @classmethod
@@ -616,11 +631,23 @@ class Storage:
 
     # ----------------------------------------------------------------- boto3 plumbing
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the client and its lock (for worker processes started by spawn)."""
+        state = dict(self.__dict__)
+        state.update(_client_obj=None, _client_pid=0, _client_lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._client_lock = threading.Lock()
+
     @property
     def _client(self) -> Any:
+        """The S3 client of this process (a forked child makes its own: sockets don't fork)."""
         with self._client_lock:
-            if self._client_obj is None:
+            if self._client_obj is None or self._client_pid != os.getpid():
                 self._client_obj = self._make_client()
+                self._client_pid = os.getpid()
             return self._client_obj
 
     def _make_client(self) -> Any:

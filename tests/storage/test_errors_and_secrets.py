@@ -126,3 +126,30 @@ def test_download_larger_than_free_space_fails_before_transfer(
     with pytest.raises(StorageError, match=r"not enough disk space .* needs 4\.0 KiB"):
         proxied.fetch(f"s3://{bucket}/w.bin")
     assert proxy.count("GET", f"/{bucket}/w.bin") == 0
+
+
+def test_explicit_credentials_stay_hidden_and_storage_pickles(
+    s3: EmbeddedS3, bucket: str, tmp_path: Path
+) -> None:
+    import pickle
+
+    st = Storage(
+        StorageSpec(endpoint=s3.endpoint),
+        credentials={
+            "aws_access_key_id": ACCESS_KEY_ID,
+            "aws_secret_access_key": SECRET_ACCESS_KEY,
+        },
+        cache_dir=tmp_path / "cache",
+    )
+    st.write_bytes(f"s3://{bucket}/k", b"v")
+    shown = repr(st) + str(vars(st)) + repr(vars(st))
+    assert not [s for s in SECRETS if s in shown]
+    clone = pickle.loads(pickle.dumps(st))  # e.g. into a spawned data-loading worker
+    assert clone.read_bytes(f"s3://{bucket}/k") == b"v"
+
+
+def test_endpoint_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(UserError) as err:
+        Storage(StorageSpec(endpoint=f"https://{ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}@minio:9000"))
+    assert str(err.value).startswith("storage.endpoint: credentials are never accepted")
+    assert not [s for s in SECRETS if s in str(err.value)]
