@@ -1,0 +1,103 @@
+"""The program of every training process: `python -m evaclip.trainer.main` under torchrun.
+
+It reads the job (`EVACLIP_CONFIG`), joins the process group and runs the method:
+`linearProbe` here (`evaclip.trainer.linear_probe`), `lora`, `partial` and `full` in
+`evaclip.trainer.finetune`. Rank 0 logs to stdout; the other ranks log warnings only.
+
+Progress goes to the log and, when `EVACLIP_STATUS_RESOURCE=<namespace>/<name>` is set
+(the operator sets it in pods), to the resource's status through
+`evaclip.trainer.k8s_status.make_sink(resource)` if that module is installed.
+
+A mistake in the input (a `UserError`) ends the process with exit code 1 and one line on
+stderr, also written to `EVACLIP_ERROR_FILE` when set so `evaclip run --local` can show it
+instead of torchrun's report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from evaclip.errors import UserError
+
+log = logging.getLogger("evaclip.trainer")
+
+STATUS_ENV = "EVACLIP_STATUS_RESOURCE"
+STATUS_MODULE = "evaclip.trainer.k8s_status"
+ERROR_FILE_ENV = "EVACLIP_ERROR_FILE"
+FINETUNE_METHODS = ("lora", "partial", "full")
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO sentences to stdout; other ranks only warnings, with their rank."""
+    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def progress_sinks(rank: int) -> list[Any]:
+    """The log sink, plus the Kubernetes status sink in a pod that names its resource."""
+    from evaclip.trainer.progress import log_sink
+
+    sinks: list[Any] = [log_sink]
+    target = os.environ.get(STATUS_ENV)
+    if rank == 0 and target and importlib.util.find_spec(STATUS_MODULE) is not None:
+        sinks.append(importlib.import_module(STATUS_MODULE).make_sink(target))
+    return sinks
+
+
+def run_method(ctx: Any) -> Any:
+    """Dispatch on spec.method.type."""
+    method = ctx.spec.method.type
+    if method == "linearProbe":
+        from evaclip.trainer import linear_probe
+
+        return linear_probe.run(ctx)
+    if method in FINETUNE_METHODS:
+        finetune = importlib.import_module("evaclip.trainer.finetune")
+        return finetune.run(ctx)
+    raise UserError(f"method.type: got {method!r}; allowed: linearProbe, lora, partial, full")
+
+
+def _report_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        try:
+            with open(path, "x") as fh:  # the first rank to fail tells the story
+                fh.write(message + "\n")
+        except FileExistsError:
+            pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run this process's part of the job; 0 on success, 1 on a user mistake."""
+    from evaclip.trainer.context import JobContext
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    setup_logging(rank)
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    ctx = None
+    try:
+        ctx = JobContext.from_env(sinks=progress_sinks(rank))
+        run_method(ctx)
+        ctx.reporter.close("done")
+        return 0
+    except UserError as err:
+        _report_error(str(err))
+        return 1
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
