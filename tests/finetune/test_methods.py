@@ -1,0 +1,120 @@
+"""Method set-up on real tiny towers: what trains, LoRA gradients, refusals, weight export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evaclip.errors import UserError
+from evaclip.manifest import parse_resource
+from evaclip.models import build_tower
+from evaclip.trainer.finetune import build_model, freeze_for_partial, save_sharded
+
+
+def _spec(method: dict, **overrides):
+    spec = {
+        "model": {"preset": "eva-clip-18b-tiny", "precision": "fp32"},
+        "data": {"train": "s3://bucket/train"},
+        "method": method,
+        "resources": {"gpusPerNode": 0},
+        "output": "s3://bucket/out",
+    }
+    spec.update(overrides)
+    return parse_resource({"apiVersion": "training.evaclip.io/v1alpha1",
+                           "kind": "EvaClipFinetune", "metadata": {"name": "t"},
+                           "spec": spec}).spec
+
+
+def _backward(model) -> None:
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 112, 112)
+    loss = model(images).logsumexp(-1).sum()
+    loss.backward()
+
+
+@pytest.mark.parametrize(("preset", "checkpointing"), [
+    ("eva-clip-18b-tiny", False), ("eva02-clip-e14-tiny", True), ("eva02-clip-b16-tiny", False),
+])
+def test_every_lora_b_gets_a_gradient(preset, checkpointing) -> None:
+    """Including the fused qkv of towers with a q/v bias, which Eva would otherwise bypass."""
+    targets = ["q_proj", "k_proj", "v_proj", "proj"] if "b16" in preset else ["qkv", "proj"]
+    spec = _spec({"type": "lora", "lora": {"rank": 4, "targetModules": targets,
+                                           "includeMlp": True}},
+                 model={"preset": preset, "precision": "fp32"},
+                 deepspeed={"activationCheckpointing": checkpointing})
+    tower = build_tower(preset, device="cpu")
+    model = build_model(spec, tower, num_classes=10, seed=0)
+    # peft starts lora_B at zero; give it values so gradients reach lora_A as well.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    _backward(model)
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    depth = tower.preset.depth
+    per_block = len(targets) + (3 if tower.preset.swiglu else 2)
+    assert len(lora_b) == depth * per_block
+    for name, p in lora_b.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.startswith("head.") for n in trained)
+    assert not any("patch_embed" in n for n in trained)
+
+
+def test_partial_trains_the_last_blocks_norm_and_projection() -> None:
+    spec = _spec({"type": "partial", "partial": {"trainableBlocks": 2}})
+    tower = build_tower("eva-clip-18b-tiny", device="cpu")
+    model = build_model(spec, tower, num_classes=10, seed=0)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"tower.trunk.norm.weight", "tower.trunk.head.weight", "head.weight",
+            "head.bias"} <= trained
+    assert any(n.startswith("tower.trunk.blocks.3.") for n in trained)
+    assert any(n.startswith("tower.trunk.blocks.2.") for n in trained)
+    assert not any(n.startswith(("tower.trunk.blocks.0.", "tower.trunk.blocks.1.")) or
+                   "patch_embed" in n or "pos_embed" in n or "cls_token" in n for n in trained)
+    _backward(model)
+    assert tower.trunk.blocks[1].mlp.fc1.weight.grad is None
+    assert tower.trunk.blocks[2].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_full_trains_everything() -> None:
+    tower = build_tower("eva-clip-18b-tiny", device="cpu")
+    model = build_model(_spec({"type": "full"}), tower, num_classes=10, seed=0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_partial_k_larger_than_depth_is_refused() -> None:
+    with pytest.raises(UserError, match=r"method\.partial\.trainableBlocks: got 9.*4 blocks"):
+        _spec({"type": "partial", "partial": {"trainableBlocks": 9}})
+    with pytest.raises(UserError, match=r"spec\.method\.partial\.trainableBlocks"):
+        freeze_for_partial(build_tower("eva-clip-18b-tiny"), 9)
+
+
+def test_lora_targets_matching_no_module_are_refused_at_start() -> None:
+    spec = _spec({"type": "lora", "lora": {"targetModules": [r"trunk\.blocks\.\d+\.nothing"]}})
+    with pytest.raises(UserError, match=r"spec\.method\.lora\.targetModules.*matches no linear"):
+        build_model(spec, build_tower("eva-clip-18b-tiny", device="cpu"), 10, 0)
+
+
+def test_fp16_without_gpus_is_refused() -> None:
+    with pytest.raises(UserError, match="model.precision: fp16 needs GPUs"):
+        _spec({"type": "full"}, model={"preset": "eva-clip-18b-tiny", "precision": "fp16"})
+
+
+def test_full_weights_are_sharded_with_an_index(tmp_path) -> None:
+    tower = build_tower("eva-clip-18b-tiny", device="cpu")
+    state = {k: v.contiguous() for k, v in tower.state_dict().items()}
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    paths = save_sharded(state, tmp_path / "sharded", {"preset": "x"}, shard_bytes=size // 3)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(paths) >= 3 and index["metadata"]["total_size"] == size
+    loaded = {}
+    for path in paths:
+        loaded.update(load_file(str(path)))
+    assert set(index["weight_map"]) == set(state) == set(loaded)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    one = save_sharded(state, tmp_path / "one", {"preset": "x"})
+    assert [p.name for p in one] == ["model.safetensors"]
