@@ -543,14 +543,25 @@ class _Credentials(dict):
     __str__ = __repr__
 
 
+def _env_number(name: str, default: float, kind: type = float) -> Any:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        number = -1
+    if number <= 0 and not (kind is float and number == 0):
+        raise UserError(f"{name}: got {value!r}; set a positive {kind.__name__} or unset it")
+    return number
+
+
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
+    return _env_number(name, default, int)
 
 
 def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name, "")
-    return float(value) if value.strip() else default
+    return _env_number(name, default, float)
 
 
 class Storage:
@@ -680,6 +691,9 @@ class Storage:
             multipart_chunksize=self.multipart_chunksize,
             max_concurrency=self.max_concurrency,
             use_threads=True,
+            # The same transfer code everywhere (the CRT client would ignore these settings
+            # and the progress callbacks on some hosts).
+            preferred_transfer_client="classic",
         )
 
     def _expected_etag_kind(self, size: int) -> tuple[bool, int]:
