@@ -12,7 +12,7 @@ import helm_python
 import pytest
 import yaml
 
-from evaclip.cli import main
+from evaclip.cli import build_parser, main
 from evaclip.crd import crd
 from evaclip.manifest import load_manifest
 from evaclip.reference import spec_reference
@@ -107,6 +107,17 @@ def test_quickstart_manifests_are_valid(tmp_path: Path) -> None:
         load_manifest(path)
     for example in applied:
         load_manifest(ROOT / example)
+
+
+def test_quickstart_commands_exist() -> None:
+    """Every `evaclip ...` line of the quickstart parses with the real CLI."""
+    parser = build_parser()
+    commands = [line.split("evaclip ", 1)[1]
+                for block in _code_blocks(QUICKSTART, "sh") for line in block.splitlines()
+                if line.startswith(".venv/bin/evaclip ")]
+    assert len(commands) >= 3
+    for command in commands:
+        parser.parse_args(shlex.split(command))
 
 
 def test_quickstart_helm_install_renders() -> None:

@@ -125,7 +125,7 @@ makes; tests/chart/test_rbac.py derives those calls from the operator code and c
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["training.evaclip.io"]
   resources: ["evaclipfinetunes/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
