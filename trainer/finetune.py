@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -201,6 +202,9 @@ class FinetuneRecipe:
     def setup(self) -> None:
         """Check the plan, build data, model and engine, and resume if a checkpoint exists."""
         require_fit(self.spec)
+        # DeepSpeed's ZeRO calls a deprecated torch.distributed name on every step.
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*",
+                                category=FutureWarning)
         if self.spec.model.precision == "fp16" and self.ctx.device.type != "cuda":
             raise UserError("spec.model.precision: fp16 needs GPUs; use bf16 or fp32 on CPU")
         self._write_pid_file()
@@ -475,20 +479,28 @@ class FinetuneRecipe:
         if not getattr(self, "confusion", None):
             self.evaluate()
         artifacts = self.write_outputs(folder) if folder else self.write_outputs(Path("."))
+        n = len(self.class_names)
+        support = [sum(row) for row in self.confusion]
         metrics = {
             "method": self.spec.method.type, "preset": self.spec.model.preset,
-            "valTop1": last["valTop1"], "valTop5": last["valTop5"],
-            "trainLoss": last["trainLoss"], "steps": self.step, "epochs": len(self.history),
-            "resumedFromStep": self.resumed_from, "classNames": self.class_names,
-            "confusionMatrix": self.confusion, "history": self.history,
-            "deepspeed": {"zeroStage": self.ds_config["zero_optimization"]["stage"],
-                          "worldSize": self.ctx.world_size},
+            "randomWeights": not self.spec.model.weights,
+            "top1": last["valTop1"], "top5": last["valTop5"], "topK": min(5, n),
+            "perClassAccuracy": {
+                name: (self.confusion[i][i] / support[i]) if support[i] else None
+                for i, name in enumerate(self.class_names)
+            },
+            "confusionMatrix": self.confusion, "validationImages": int(sum(support)),
+            "trainImages": len(self.train_loader.dataset), "classNames": self.class_names,
+            "epochs": len(self.history), "steps": self.step, "resumedFromStep": self.resumed_from,
+            "history": self.history, "finalTrainLoss": last["trainLoss"],
+            "worldSize": self.ctx.world_size,
+            "deepspeed": {"zeroStage": self.ds_config["zero_optimization"]["stage"]},
             "artifacts": artifacts,
         }
         if folder is not None:
             write_common_outputs(folder, self.ctx, metrics, self.class_names)
             publish(self.ctx, folder, extra={"method": self.spec.method.type,
-                                             "valTop1": last["valTop1"]})
+                                             "top1": last["valTop1"]})
         self.ctx.barrier()
         self.ctx.reporter.close()
         return metrics
