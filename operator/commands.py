@@ -1,9 +1,120 @@
-"""Sub-commands of `evaclip`; see evaclip/cli.py."""
+"""`evaclip operator`: run the controller against the current cluster.
+
+    evaclip operator --all-namespaces
+    evaclip operator --namespace team-a --namespace team-b --metrics-port 9090
+
+It logs in with the in-cluster service account when it runs in a pod, else with the
+current kubeconfig context. kopf is imported only when the command runs, so
+`evaclip --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import os
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this area's sub-commands to the `evaclip` parser."""
+    p = sub.add_parser(
+        "operator",
+        help="run the EvaClipFinetune controller (kopf) against the current cluster",
+        description="Watch EvaClipFinetune resources and run them as training jobs. "
+        "Settings not given as flags come from EVACLIP_* environment variables "
+        "(docs/operator.md).",
+    )
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace", "-n", action="append", default=None, metavar="NS",
+        help="watch this namespace (repeat for several)",
+    )
+    scope.add_argument(
+        "--all-namespaces", "-A", action="store_true", default=None,
+        help="watch every namespace (the default when no --namespace is given)",
+    )
+    p.add_argument(
+        "--liveness", metavar="URL_OR_PORT", default=None,
+        help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz or just 8080; 'off' disables",
+    )
+    p.add_argument("--liveness-port", type=int, default=None, metavar="PORT",
+                   help="shorthand for --liveness http://0.0.0.0:PORT/healthz")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on this port (0 disables; default 9090)")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+    p.set_defaults(func=_operator)
+
+
+def _liveness(args: argparse.Namespace) -> str | None:
+    value = args.liveness
+    if args.liveness_port is not None:
+        value = str(args.liveness_port)
+    if value is None:
+        return None
+    if value.lower() in ("off", "none", "0"):
+        return ""
+    if value.isdigit():
+        return f"http://0.0.0.0:{value}/healthz"
+    return value
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from evaclip.operator.settings import from_env
+
+    liveness = _liveness(args)
+    overrides = {
+        "namespaces": tuple(args.namespace) if args.namespace else None,
+        "all_namespaces": args.all_namespaces,
+        "metrics_port": args.metrics_port,
+        "liveness_endpoint": liveness,
+    }
+    config = from_env(os.environ, **overrides)
+    if liveness == "":
+        config = dataclasses.replace(config, liveness_endpoint=None)
+    if args.metrics_port == 0:
+        config = dataclasses.replace(config, metrics_port=None)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return run_operator(config)
+
+
+def run_operator(config) -> int:  # type: ignore[no-untyped-def]
+    """Start kopf with our registry and settings; returns when the operator stops."""
+    import asyncio
+
+    import kopf
+
+    from evaclip.operator.handlers import build_registry, configure_kopf
+    from evaclip.operator.metrics import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    if config.metrics_port:
+        metrics.serve(config.metrics_port)
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings, config)
+    registry = build_registry(config, metrics)
+    scope = (
+        {"namespaces": list(config.namespaces)}
+        if config.namespaces and not config.all_namespaces
+        else {"clusterwide": True}
+    )
+    where = ", ".join(config.namespaces) if "namespaces" in scope else "all namespaces"
+    logging.getLogger("evaclip.operator").info(
+        "Starting the operator for %s with the %s launcher.", where, config.launcher
+    )
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            settings=settings,
+            standalone=True,
+            liveness_endpoint=config.liveness_endpoint,
+            **scope,
+        )
+    )
+    return 0
