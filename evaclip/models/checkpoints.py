@@ -276,22 +276,26 @@ def _hf_files(root: Path) -> list[Path]:
     )
 
 
-def _remote_code_only(root: Path, sd: StateDict) -> bool:
-    """A repo whose files name no vision tensors we know but that ships its own code."""
+def _has_own_code(root: Path) -> bool:
     config = root / "config.json"
-    if not config.is_file():
-        return False
-    known = any(k.startswith(("vision_model.", "visual.")) for k in sd)
-    return not known and bool(json.loads(config.read_text()).get("auto_map"))
+    return config.is_file() and bool(json.loads(config.read_text()).get("auto_map"))
 
 
 def _read_hugging_face(root: Path, trust_remote_code: bool) -> tuple[StateDict, str]:
+    """The tensors of a Hugging Face-format directory. A repo that ships its own model
+    code (config.json `auto_map`) and whose files hold no tensors under names we know is
+    loaded through that code, and only when `trust_remote_code` allows it."""
     if not root.is_dir():
         raise UserError(f"model.weights: format huggingFace needs a directory, got file {root}")
     sd: StateDict = {}
-    for shard in _hf_files(root):
-        sd.update(unwrap(read_any(shard)))
-    if _remote_code_only(root, sd):
+    try:
+        for shard in _hf_files(root):
+            sd.update(unwrap(read_any(shard)))
+    except UserError:
+        if not _has_own_code(root):
+            raise
+    known = any(k.startswith(("vision_model.", "visual.")) for k in sd)
+    if not known and _has_own_code(root):
         if not trust_remote_code:
             raise UserError(
                 f"model.weights: {root} loads only through its own model code (config.json "

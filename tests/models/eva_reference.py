@@ -154,3 +154,64 @@ def write_hf_dir(model: Eva, root: Path, kind: str = "safetensors", shards: int 
     index = f"{stem}.{ext}.index.json"
     (root / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return root
+
+
+_REMOTE_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class TinyEvaClipConfig(PretrainedConfig):
+    model_type = "tiny_evaclip_remote_test"
+
+    def __init__(self, shapes=None, **kwargs):
+        super().__init__(**kwargs)
+        self.shapes = shapes or {}
+'''
+
+_REMOTE_MODEL = '''
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_tiny import TinyEvaClipConfig
+
+
+class TinyEvaClipModel(PreTrainedModel):
+    """Holds one parameter per name in config.shapes; files store them under `model.`."""
+
+    config_class = TinyEvaClipConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        for name, shape in config.shapes.items():
+            *path, leaf = name.split(".")
+            module = self
+            for part in path:
+                if not hasattr(module, part):
+                    module.add_module(part, nn.Module())
+                module = getattr(module, part)
+            module.register_parameter(leaf, nn.Parameter(torch.zeros(shape)))
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass
+'''
+
+
+def write_remote_code_dir(model: Eva, root: Path) -> Path:
+    """A repo that loads only through its own code: tensors stored as `model.vision_model.*`."""
+    root.mkdir(parents=True, exist_ok=True)
+    sd = to_hugging_face({k: v.clone() for k, v in model.state_dict().items()})
+    (root / "configuration_tiny.py").write_text(_REMOTE_CONFIG)
+    (root / "modeling_tiny.py").write_text(_REMOTE_MODEL)
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "tiny_evaclip_remote_test",
+        "architectures": ["TinyEvaClipModel"],
+        "auto_map": {"AutoConfig": "configuration_tiny.TinyEvaClipConfig",
+                     "AutoModel": "modeling_tiny.TinyEvaClipModel"},
+        "shapes": {k: list(v.shape) for k, v in sd.items()},
+    }))
+    save_file({"model." + k: v.contiguous() for k, v in sd.items()},
+              str(root / "model.safetensors"), metadata={"format": "pt"})
+    return root

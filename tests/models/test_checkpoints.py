@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from eva_reference import FAMILIES, reference_eva, to_eva_clip, write_eva_clip_pt, write_hf_dir
+from eva_reference import (
+    FAMILIES,
+    reference_eva,
+    to_eva_clip,
+    to_hugging_face,
+    write_eva_clip_pt,
+    write_hf_dir,
+    write_remote_code_dir,
+)
 from safetensors.torch import save_file
 
 from evaclip.errors import UserError
@@ -148,13 +155,60 @@ def test_dtype_argument_casts(tmp_path: Path) -> None:
 
 
 def test_remote_code_only_repo_is_refused(tmp_path: Path) -> None:
-    root = tmp_path / "repo"
+    root = write_remote_code_dir(reference_eva("eva-clip-18b-tiny"), tmp_path / "repo")
+    tower = build_tower("eva-clip-18b-tiny")
+    with pytest.raises(UserError, match="set model.trustRemoteCode: true"):
+        load_weights(tower, root)
+    assert all(p.is_meta for p in tower.parameters())
+
+
+def test_remote_code_repo_loads_when_trusted(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    reference = reference_eva("eva02-clip-e14-tiny")
+    root = write_remote_code_dir(reference, tmp_path / "repo")
+    tower = build_tower("eva02-clip-e14-tiny")
+    load_weights(tower, root, trust_remote_code=True)
+    assert_same_outputs(tower.eval(), reference)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model", "module", "model_ema"])
+def test_wrapped_eva_clip_checkpoints(wrapper: str, tmp_path: Path) -> None:
+    reference = reference_eva("eva-clip-8b-tiny")
+    sd = to_eva_clip(reference.state_dict())
+    torch.save({wrapper: sd, "optimizer": {"step": 10}}, tmp_path / "w.bin")
+    tower = build_tower("eva-clip-8b-tiny")
+    load_weights(tower, tmp_path / "w.bin", format="evaClip")
+    assert_same_outputs(tower.eval(), reference)
+
+
+@pytest.mark.parametrize("single", ["model.safetensors", "pytorch_model.bin"])
+def test_hf_single_file_directory(single: str, tmp_path: Path) -> None:
+    reference = reference_eva("eva-clip-18b-tiny")
+    root = tmp_path / "hf"
     root.mkdir()
-    (root / "config.json").write_text(json.dumps(
-        {"auto_map": {"AutoModel": "modeling_evaclip.EvaClipModel"}}))
-    save_file({"encoder.stem.weight": torch.zeros(2, 2)}, str(root / "model.safetensors"))
-    with pytest.raises(UserError, match="trustRemoteCode: true"):
-        load_weights(build_tower("eva-clip-18b-tiny"), root)
+    sd = {k: v.contiguous() for k, v in to_hugging_face(reference.state_dict()).items()}
+    if single.endswith(".safetensors"):
+        save_file(sd, str(root / single))
+    else:
+        torch.save(sd, root / single)
+    tower = build_tower("eva-clip-18b-tiny")
+    load_weights(tower, root, format="huggingFace")
+    assert_same_outputs(tower.eval(), reference)
+
+
+class _NotATensor:
+    pass
+
+
+def test_pickles_with_code_and_legacy_files_are_refused(tmp_path: Path) -> None:
+    torch.save({"visual.cls_token": torch.zeros(1), "extra": _NotATensor()}, tmp_path / "a.pt")
+    with pytest.raises(UserError, match="refused for safety"):
+        load_weights(build_tower("eva-clip-18b-tiny"), tmp_path / "a.pt")
+    torch.save({"visual.cls_token": torch.zeros(1)}, tmp_path / "b.pt",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(UserError, match="legacy torch.save format"):
+        load_weights(build_tower("eva-clip-18b-tiny"), tmp_path / "b.pt")
 
 
 @pytest.mark.parametrize(
