@@ -122,27 +122,69 @@ def _custom_call(verb: str, status: bool, groups: set[str], plurals: set[str]) -
     return {(verb, g, p + suffix) for g in groups for p in plurals}
 
 
+def _units(tree: ast.Module):
+    """(name, node) of each top-level function and method, and ("", rest) for module code."""
+    rest = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    yield item.name, item
+                else:
+                    rest.append(item)
+        else:
+            rest.append(node)
+    yield "", ast.Module(body=rest, type_ignores=[])
+
+
+def _referenced(node: ast.AST) -> set[str]:
+    return {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node)
+            if isinstance(n, ast.Name | ast.Attribute)}
+
+
+def _live_calls(modules):
+    """(module, call) of every call in code that can run.
+
+    A function or method counts as reachable from module-level code, from `register`
+    (the CLI's entry into the package) and from any reachable function that mentions its
+    name; nested functions (kopf handlers) belong to their enclosing function. Matching by
+    bare name over-approximates, which can only grant more, never less. A method nothing
+    mentions (say a launcher's `delete`) makes no calls.
+    """
+    units = [(module, name, node) for module, tree in modules for name, node in _units(tree)]
+    live = {"", "register"} | {n for n in ("__init__", "__call__", "__enter__", "__exit__")}
+    while True:
+        mentioned = set().union(*(_referenced(node) for _, name, node in units if name in live))
+        if mentioned <= live:
+            break
+        live |= mentioned
+    for module, name, node in units:
+        if name in live:
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute):
+                    yield module, call
+
+
 def _direct_calls(modules) -> set[Call]:
     """Client calls made directly (not through a wrapper's parameters)."""
     calls: set[Call] = set()
-    for module, tree in modules:
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-                continue
-            found = _client_call(node.func.attr)
-            if found is None:
-                continue
-            verb, resource, status = found
-            if resource is not None:
-                calls.add((verb, "", resource + ("/status" if status else "")))
-                continue
-            group_arg, plural_arg = (node.args[i] if len(node.args) > i else None
-                                     for i in _CUSTOM_ARGS)
-            if isinstance(group_arg, ast.Name) and isinstance(plural_arg, ast.Name) \
-                    and not hasattr(module, group_arg.id):
-                continue  # a wrapper passing its own parameters on; see _wrapped_calls
-            calls |= _custom_call(verb, status, _resolve(group_arg, module, modules),
-                                  _resolve(plural_arg, module, modules))
+    for module, node in _live_calls(modules):
+        found = _client_call(node.func.attr)
+        if found is None:
+            continue
+        verb, resource, status = found
+        if resource is not None:
+            calls.add((verb, "", resource + ("/status" if status else "")))
+            continue
+        group_arg, plural_arg = (node.args[i] if len(node.args) > i else None
+                                 for i in _CUSTOM_ARGS)
+        if isinstance(group_arg, ast.Name) and isinstance(plural_arg, ast.Name) \
+                and not hasattr(module, group_arg.id):
+            continue  # a wrapper passing its own parameters on; see _wrapped_calls
+        calls |= _custom_call(verb, status, _resolve(group_arg, module, modules),
+                              _resolve(plural_arg, module, modules))
     return calls
 
 
@@ -164,16 +206,12 @@ def _wrapped_calls(modules, wrapper_module: str) -> set[Call]:
             if inner:
                 wrappers[fn.name] = (params, inner)
     calls: set[Call] = set()
-    for module, tree in modules:
-        if module is kube_module:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and node.func.attr in wrappers:
-                _, inner = wrappers[node.func.attr]
-                for verb, _, status, gi, pi in inner:
-                    calls |= _custom_call(verb, status, _resolve(node.args[gi], module, modules),
-                                          _resolve(node.args[pi], module, modules))
+    for module, node in _live_calls(modules):
+        if module is not kube_module and node.func.attr in wrappers:
+            _, inner = wrappers[node.func.attr]
+            for verb, _, status, gi, pi in inner:
+                calls |= _custom_call(verb, status, _resolve(node.args[gi], module, modules),
+                                      _resolve(node.args[pi], module, modules))
     return calls
 
 

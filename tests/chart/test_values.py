@@ -124,5 +124,22 @@ def test_templates_fail_naming_the_key_without_the_schema(chart_without_schema, 
     assert message in str(err.value) and ", got " in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"serviceAccount": {"create": False}}, "serviceAccount.name must name an existing"),
+        ({"trainer": {"serviceAccount": {"create": False}}},
+         "trainer.serviceAccount.name must name a service account"),
+        ({"watchNamespaces": ["a"], "trainer": {"namespaces": ["b"]}},
+         "trainer.namespaces must be empty when watchNamespaces is set"),
+    ],
+)
+def test_inconsistent_values_fail_naming_the_key(chart, values, message) -> None:
+    """Combinations the schema cannot express fail in the templates, schema or not."""
+    with pytest.raises(helm_python.HelmRenderError) as err:
+        chart.render(values=values, name="evaclip-operator", namespace="x")
+    assert message in str(err.value) and ", got " in str(err.value), str(err.value)
+
+
 def test_values_yaml_is_the_documented_default(chart) -> None:
     assert chart.values == yaml.safe_load((CHART / "values.yaml").read_text())

@@ -109,6 +109,12 @@ and fails with a "must be ..., got ..." message naming the key.
 {{- fail (printf "watchNamespaces[%d] must be a namespace name (lowercase letters, digits and '-'), got %q" $i $ns) }}
 {{- end }}
 {{- end }}
+{{- if and (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) }}
+{{- fail "serviceAccount.name must name an existing service account when serviceAccount.create is false, got \"\"" }}
+{{- end }}
+{{- if and (not .Values.trainer.serviceAccount.create) (not .Values.trainer.serviceAccount.name) }}
+{{- fail "trainer.serviceAccount.name must name a service account that exists in every trainer namespace (for example default) when trainer.serviceAccount.create is false, got \"\"" }}
+{{- end }}
 {{- if and .Values.watchNamespaces .Values.trainer.namespaces }}
 {{- fail (printf "trainer.namespaces must be empty when watchNamespaces is set (trainer pods run in the watched namespaces), got %v" .Values.trainer.namespaces) }}
 {{- end }}
@@ -118,6 +124,8 @@ and fails with a "must be ..., got ..." message naming the key.
 evaclip-operator.operatorRules: the RBAC rules of the operator, the same for the ClusterRole
 (cluster-wide mode) and each namespaced Role. They list exactly the API calls the operator
 makes; tests/chart/test_rbac.py derives those calls from the operator code and compares.
+There is no delete: a resource's PyTorchJob and ConfigMap carry owner references, so
+Kubernetes garbage collection removes them with it.
 */}}
 {{- define "evaclip-operator.operatorRules" -}}
 - apiGroups: ["training.evaclip.io"]
@@ -128,10 +136,10 @@ makes; tests/chart/test_rbac.py derives those calls from the operator code and c
   verbs: ["patch"]
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
