@@ -226,7 +226,9 @@ class FaultProxy:
         server.daemon_threads = True
         server.proxy = self  # type: ignore[attr-defined]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         self.endpoint = f"http://{LOCALHOST}:{server.server_address[1]}"
         return self

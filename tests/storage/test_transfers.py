@@ -111,7 +111,7 @@ def test_small_requests_survive_faults(proxy: FaultProxy, proxied: Storage, buck
     uri = f"s3://{bucket}/cfg.json"
     proxy.fail(2, "reset", methods=["PUT"])
     proxied.write_bytes(uri, b'{"a": 1}' * 100)
-    proxy.fail(1, "503", methods=["GET"])
+    proxy.fail(1, "500", methods=["GET"])
     proxy.fail(1, "reset", methods=["GET"])
     assert proxied.read_bytes(uri) == b'{"a": 1}' * 100
     proxy.fail(2, "500", methods=["GET"], path_contains="list-type")
