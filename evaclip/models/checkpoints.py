@@ -167,7 +167,7 @@ def remap_eva_clip(sd: StateDict, preset: Preset) -> StateDict:
     """Original EVA-CLIP release: `visual.*` vision keys (text tower and logit scale
     ignored), EVA02 sub-module names (`w1/w2/w3`, `ffn_ln`, `inner_attn_ln`) renamed to
     timm's, computed RoPE tables dropped."""
-    sd = _strip_prefix(sd, ("visual.trunk.", "visual."))
+    sd = _strip_prefix(sd, ("visual.trunk.", "visual.", "trunk."))
     out: StateDict = {}
     for key, value in sd.items():
         if _COMPUTED.search(key):

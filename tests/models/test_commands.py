@@ -125,3 +125,24 @@ def test_clip_transform_crops_the_centre_of_the_short_side() -> None:
     white = (1 - torch.tensor(preset.mean)) / torch.tensor(preset.std)
     torch.testing.assert_close(x[:, 56, 56], white)
     torch.testing.assert_close(x.mean(dim=(1, 2)), white, atol=1e-2, rtol=0)
+
+
+def test_features_reads_and_writes_s3(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Images under an s3:// prefix in, the .npy out to s3://, with the environment's store."""
+    from evaclip.s3server import EmbeddedS3
+
+    write_images(tmp_path / "images")
+    with EmbeddedS3(buckets=["data"]) as s3:
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("EVACLIP_CACHE_DIR", str(tmp_path / "cache"))
+        storage = s3.storage(cache_dir=tmp_path / "cache")
+        storage.upload_tree(tmp_path / "images", "s3://data/images")
+        argv = ["features", "--preset", "eva-clip-8b-tiny", "--weights", "random",
+                "--images", "s3://data/images", "--out", "s3://data/out/feats.npy"]
+        assert main(argv) == 0
+        storage.download("s3://data/out/feats.npy", tmp_path / "remote.npy")
+        assert main([*argv[:-1], str(tmp_path / "local.npy")]) == 0
+    remote, local = np.load(tmp_path / "remote.npy"), np.load(tmp_path / "local.npy")
+    assert remote.shape == (8, 128)
+    np.testing.assert_array_equal(remote, local)
