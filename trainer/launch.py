@@ -240,10 +240,13 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
         raise UserError(f"--nproc: got {nproc}; use 1 or more processes")
     work = Path(workdir or Path(".cache") / "evaclip" / "runs" / resource.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    output = resource.spec.output
     with ExitStack() as stack:
+        if not is_s3(output):  # no store needed to find out
+            _storage(resource, os.environ, work / "cache").check_writable(output, field="output")
         store_env = _start_store(stack, resource, s3_uris(resource, staged), log)
         storage = _storage(resource, {**os.environ, **store_env}, work / "cache")
-        storage.check_writable(resource.spec.output, field="output")
+        storage.check_writable(output, field="output")
         for stage in staged:
             log(f"Uploading {stage.local} to {stage.uri}.")
             storage.upload_tree(stage.local, stage.uri, field="--stage")
