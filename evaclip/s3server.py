@@ -140,10 +140,11 @@ class EmbeddedS3:
 
 # --------------------------------------------------------------------------- faults
 
-FAULT_KINDS = ("503", "500", "reset")
+FAULT_KINDS = ("503", "500", "reset")  # the transient ones, which storms draw from
 _ERRORS = {
     "503": ("Service Unavailable", "SlowDown", "Please reduce your request rate."),
     "500": ("Internal Server Error", "InternalError", "We encountered an internal error."),
+    "403": ("Forbidden", "AccessDenied", "Access Denied"),
 }
 _HOP_BY_HOP = {
     "connection",
@@ -197,7 +198,8 @@ class FaultProxy:
     ``fail(n, kind)`` breaks the next ``n`` matching requests; ``storm(p, kinds)`` breaks
     each matching request with probability ``p`` until ``calm()``. Kinds: ``"503"``
     (SlowDown), ``"500"`` (InternalError), ``"reset"`` (forward the request, then send half
-    of the response and reset the connection; with no body to halve, reset at once).
+    of the response and reset the connection; with no body to halve, reset at once), and
+    ``"403"`` (AccessDenied, to play a missing permission; never drawn by a storm).
     ``requests``/``count()`` tell what arrived and ``faults`` how many of each were injected;
     ``max_in_flight`` is the most requests handled at once (parallel transfers show there).
     ``latency`` seconds are added before forwarding each request.
@@ -373,8 +375,8 @@ class FaultProxy:
 
 def _kind(kind: str) -> str:
     kind = str(kind)
-    if kind not in FAULT_KINDS:
-        raise ValueError(f"fault kind {kind!r} is not one of {', '.join(FAULT_KINDS)}")
+    if kind not in (*FAULT_KINDS, "403"):
+        raise ValueError(f"fault kind {kind!r} is not one of {', '.join(FAULT_KINDS)}, 403")
     return kind
 
 

@@ -434,6 +434,22 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# The IAM permission each action needs, for access-denied messages.
+_PERMISSIONS = {
+    "read": "s3:GetObject",
+    "download": "s3:GetObject",
+    "look up": "s3:GetObject",
+    "read back": "s3:GetObject",
+    "list": "s3:ListBucket",
+    "write": "s3:PutObject",
+    "write to": "s3:PutObject",
+    "upload to": "s3:PutObject",
+    "delete": "s3:DeleteObject",
+    "delete from": "s3:DeleteObject",
+    "delete under": "s3:DeleteObject",
+}
+
+
 def _user_error(exc: BaseException, uri: str, field: str | None, action: str) -> UserError | None:
     """The one-line UserError for an error that is the user's to fix, else None."""
     import botocore.exceptions as bex
@@ -453,11 +469,12 @@ def _user_error(exc: BaseException, uri: str, field: str | None, action: str) ->
     if code in _MISSING_CODES:
         return UserError(_named(field, f"{uri} does not exist; check the URI"))
     if code in _DENIED_CODES:
+        permission = _PERMISSIONS.get(action, "that permission")
         return UserError(
             _named(
                 field,
-                f"access denied to {action} {uri}; grant the credentials that permission on "
-                "the bucket or choose another URI",
+                f"access denied to {action} {uri}; grant the job's credentials {permission} "
+                "there or choose another URI",
             )
         )
     if code in _BAD_KEY_CODES:
@@ -1031,25 +1048,41 @@ class Storage:
     # ----------------------------------------------------------------- checks
 
     def check_writable(self, uri: str, *, field: str = "output") -> None:
-        """Raise UserError naming ``field`` and ``uri`` unless this store can write there.
+        """Raise UserError naming ``field`` and ``uri`` unless this store can publish there.
 
-        Writes and removes a small probe object, so run it before any long download.
+        Exercises what :meth:`publish` needs on a small probe object: write it, read it
+        back, list the prefix and delete it (s3:PutObject, s3:GetObject, s3:ListBucket,
+        s3:DeleteObject). Cheap, so run it before any long download.
         """
         if not is_s3(uri):
             self._check_local_writable(_local_path(uri), uri, field)
             return
         probe = join_uri(uri, f".evaclip-write-check-{uuid.uuid4().hex[:12]}")
         bucket, key = _split_s3(probe)
+        client = self._client
         self._call(
             "write to",
             uri,
-            lambda: self._client.put_object(Bucket=bucket, Key=key, Body=b""),
+            lambda: client.put_object(Bucket=bucket, Key=key, Body=b""),
             field=field,
         )
         try:
-            self._client.delete_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            log.warning("Could not remove the write probe %s: %s.", probe, _brief(exc))
+            self._call("read back", uri, lambda: self._head(bucket, key), field=field)
+            self._call(
+                "list",
+                uri,
+                lambda: client.list_objects_v2(
+                    Bucket=bucket, Prefix=_dir_prefix(_split_s3(uri)[1]), MaxKeys=1
+                ),
+                field=field,
+            )
+        finally:
+            self._call(
+                "delete from",
+                uri,
+                lambda: client.delete_object(Bucket=bucket, Key=key),
+                field=field,
+            )
 
     @staticmethod
     def _check_local_writable(path: Path, uri: str, field: str) -> None:

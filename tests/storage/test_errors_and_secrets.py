@@ -153,3 +153,30 @@ def test_endpoint_with_credentials_is_refused_without_echoing_them() -> None:
         Storage(StorageSpec(endpoint=f"https://{ACCESS_KEY_ID}:{SECRET_ACCESS_KEY}@minio:9000"))
     assert str(err.value).startswith("storage.endpoint: credentials are never accepted")
     assert not [s for s in SECRETS if s in str(err.value)]
+
+
+@pytest.mark.parametrize(
+    ("method", "permission"),
+    [("PUT", "s3:PutObject"), ("HEAD", "s3:GetObject"), ("DELETE", "s3:DeleteObject")],
+)
+def test_check_writable_names_the_missing_permission(
+    proxy: FaultProxy, proxied: Storage, bucket: str, method: str, permission: str
+) -> None:
+    proxy.fail(1, "403", methods=[method])
+    with pytest.raises(UserError) as err:
+        proxied.check_writable(f"s3://{bucket}/runs/r1")
+    assert str(err.value).startswith("output: access denied to ")
+    assert f"s3://{bucket}/runs/r1; grant the job's credentials {permission} there" in str(
+        err.value
+    )
+    assert proxy.faults["403"] == 1
+
+
+def test_denied_read_is_a_user_error_and_not_retried(
+    proxy: FaultProxy, proxied: Storage, bucket: str
+) -> None:
+    proxied.write_bytes(f"s3://{bucket}/labels.csv", b"a,b")
+    proxy.fail(5, "403", methods=["GET"])
+    with pytest.raises(UserError, match=r"^data\.labels: access denied to read .*s3:GetObject"):
+        proxied.read_bytes(f"s3://{bucket}/labels.csv", field="data.labels")
+    assert proxy.faults["403"] == 1
