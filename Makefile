@@ -21,8 +21,12 @@ install:
 	DS_BUILD_OPS=0 $(PIP_C) -q --no-build-isolation deepspeed
 	$(PIP_C) -q -e '.[dev,hf]'
 
+# The digits example: real images written as PNG files, staged into the embedded S3 store,
+# a 2-process linear probe, outputs copied to runs/digits-linear-probe/.
 demo: install
-	$(VENV)/bin/evaclip run examples/digits-linear-probe.yaml --local --nproc 2 --copy-to runs
+	$(VENV)/bin/evaclip datasets digits .cache/datasets/digits
+	$(VENV)/bin/evaclip run examples/digits-linear-probe.yaml --local --nproc 2 \
+	  --stage .cache/datasets/digits=s3://evaclip-demo/digits --copy-to runs
 
 test: install
 	$(VENV)/bin/pytest -q -x -p no:randomly
