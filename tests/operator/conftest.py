@@ -30,7 +30,7 @@ async def _start(tmp_path: Path, *, pytorchjobs: bool) -> AsyncIterator[Cluster]
             yield cluster
         finally:
             for op in cluster.operators:
-                op.stop()
+                await op.stop()
 
 
 @pytest_asyncio.fixture

@@ -9,7 +9,7 @@ the (verb, apiGroup, resource) triples the operator sent, for the chart's RBAC.
 kmock 0.8 stores objects exactly as sent. Tests of an operator need what every real API
 server provides, so the emulator adds it on the server side (never in the client):
 
-* on create: `metadata.uid`, `creationTimestamp`, `resourceVersion`, `generation: 1`;
+* on create: a name from `generateName`, `metadata.uid`, `creationTimestamp`, `resourceVersion`, `generation: 1`;
 * on patch: a new `resourceVersion`, and `generation + 1` when the spec changes;
 * status-subresource semantics for resources that declare one: a patch of the main
   resource drops `status`, a patch of `/status` changes only `status`;
@@ -53,6 +53,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._rv = itertools.count(1)
         self.times: dict[int, float] = {}
+        # Plural names whose create requests fail with HTTP 500, storing nothing.
+        self.failing_creates: set[str] = set()
 
     @property
     def requests(self) -> list[kmock.Request]:
@@ -65,9 +67,17 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> Any:
         self.times[request.id] = time.monotonic()
         data = request.data
+        if (request.action == kmock.action.CREATE and request.resource is not None
+                and request.resource.plural in self.failing_creates):
+            return await self._render_error(
+                kmock.KubernetesError(status=500, reason="InternalError",
+                                      message="injected failure")
+            )
         if request.resource is not None and isinstance(data, dict):
             if request.action == kmock.action.CREATE:
                 meta = data.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault(
                     "creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -215,18 +225,32 @@ class Operator:
         self.proc = proc
         self.log = log
         self.metrics_port = metrics_port
+        self.stopped = False
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop as Kubernetes stops a pod: SIGTERM, then SIGKILL after `grace` seconds.
+
+        Waits without blocking the event loop: the emulator must keep serving the
+        operator's last requests while it shuts down.
+        """
+        self.stopped = True
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+
+    def crash(self) -> None:
+        """Die at once, mid-work, as an OOM-killed or evicted pod does."""
+        self.stopped = True
+        self.proc.kill()
+        self.proc.wait()
 
 
 class Cluster:
@@ -376,7 +400,7 @@ class Cluster:
             result = predicate()
             if result:
                 return result
-            ops = [op] if op else self.operators
+            ops = [op] if op else [o for o in self.operators if not o.stopped]
             for o in ops:
                 if o.proc.poll() is not None:
                     raise AssertionError(f"the operator exited while waiting for {what}:\n"
