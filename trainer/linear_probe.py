@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -194,54 +195,88 @@ class HeadResult:
     seconds: float
 
 
-def train_head(ctx: JobContext, train: FeatureSet, val: FeatureSet,
-               num_classes: int) -> HeadResult:
-    """Fit the linear head on cached features; see the module docstring for the scaling."""
+def fit_head(ctx: JobContext, inputs: Callable[[torch.Tensor], torch.Tensor],
+             labels: torch.Tensor, dim: int, num_classes: int,
+             val_top1: Callable[[Any], float] | None = None) -> tuple[Any, list[dict[str, Any]]]:
+    """The head's training loop: `inputs(idx)` gives the (standardised) features of a batch.
+
+    The linear probe passes cached features; `bench/linear_probe.py` passes a function that
+    runs the frozen tower on the batch's images, so both fit the very same way.
+    """
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     t = ctx.spec.training
-    started = time.monotonic()
     gen = torch.Generator().manual_seed(t.seed)
-    x = prepare(train.features, t.normalize_features)
-    xv = prepare(val.features, t.normalize_features)
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z, zv = (x - mean) / std, (xv - mean) / std
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
-        head = nn.Linear(x.shape[1], num_classes)
+        head = nn.Linear(dim, num_classes)
     opt = torch.optim.AdamW([
         {"params": [head.weight], "weight_decay": t.weight_decay},
         {"params": [head.bias], "weight_decay": 0.0},
     ], lr=t.learning_rate)
+    n = len(labels)
     batch = max(1, t.batch_size * ctx.world_size)
-    steps_per_epoch = max(1, math.ceil(len(z) / batch))
+    steps_per_epoch = max(1, math.ceil(n / batch))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _schedule(t.epochs * steps_per_epoch, t.warmup_fraction))
     history: list[dict[str, Any]] = []
     ctx.reporter.begin("train", t.epochs, unit="epochs", span=(90.0, 99.0), epochs=t.epochs)
     for epoch in range(1, t.epochs + 1):
-        order = torch.randperm(len(z), generator=gen)
+        order = torch.randperm(n, generator=gen)
         total = 0.0
-        for i in range(0, len(z), batch):
+        for i in range(0, n, batch):
             idx = order[i:i + batch]
-            loss = F.cross_entropy(head(z[idx]), train.labels[idx],
+            loss = F.cross_entropy(head(inputs(idx)), labels[idx],
                                    label_smoothing=t.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        with torch.no_grad():
-            val_top1 = (head(zv).argmax(1) == val.labels).float().mean().item()
-        history.append({"epoch": epoch, "trainLoss": total / len(z), "valTop1": val_top1,
-                        "learningRate": sched.get_last_lr()[0]})
-        ctx.reporter.advance(1, epoch=epoch, train_loss=total / len(z), val_top1=val_top1)
+        record = {"epoch": epoch, "trainLoss": total / n, "learningRate": sched.get_last_lr()[0]}
+        if val_top1 is not None:
+            with torch.no_grad():
+                record["valTop1"] = val_top1(head)
+        history.append(record)
+        ctx.reporter.advance(1, epoch=epoch, train_loss=record["trainLoss"],
+                             val_top1=record.get("valTop1"))
+    return head, history
+
+
+def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the training features."""
+    return x.mean(0), x.std(0).clamp_min(1e-6)
+
+
+def fold(head: Any, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of `head((x - mean) / std)` as one linear map of `x`."""
+    import torch
+
     with torch.no_grad():
         weight = head.weight / std
         bias = head.bias - weight @ mean
-    return HeadResult(weight.detach(), bias.detach(), history, time.monotonic() - started)
+    return weight.detach(), bias.detach()
+
+
+def train_head(ctx: JobContext, train: FeatureSet, val: FeatureSet,
+               num_classes: int) -> HeadResult:
+    """Fit the linear head on cached features; see the module docstring for the scaling."""
+    t = ctx.spec.training
+    started = time.monotonic()
+    x = prepare(train.features, t.normalize_features)
+    xv = prepare(val.features, t.normalize_features)
+    mean, std = standardisation(x)
+    z, zv = (x - mean) / std, (xv - mean) / std
+
+    def val_top1(head: Any) -> float:
+        return (head(zv).argmax(1) == val.labels).float().mean().item()
+
+    head, history = fit_head(ctx, lambda idx: z[idx], train.labels, x.shape[1], num_classes,
+                             val_top1)
+    weight, bias = fold(head, mean, std)
+    return HeadResult(weight, bias, history, time.monotonic() - started)
 
 
 def evaluate(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,
