@@ -1112,14 +1112,15 @@ class Storage:
         return data, meta, lock
 
     @contextlib.contextmanager
-    def _locked(self, lock_path: Path, uri: str) -> Iterator[None]:
+    def _locked(self, lock_path: Path, uri: str, quiet: bool = False) -> Iterator[None]:
         """Hold an exclusive file lock; others on this node wait for the holder to finish."""
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "a+b") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("Waiting for another process on this node to fetch %s.", uri)
+                level = logging.DEBUG if quiet else logging.INFO
+                log.log(level, "Waiting for another process on this node to fetch %s.", uri)
                 fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -1186,10 +1187,12 @@ class Storage:
             self._fetch_into_cache(uri, data, meta, field)
         return data
 
-    def _fetch_into_cache(self, uri: str, data: Path, meta: Path, field: str | None) -> None:
+    def _fetch_into_cache(
+        self, uri: str, data: Path, meta: Path, field: str | None, quiet: bool = False
+    ) -> None:
         meta.unlink(missing_ok=True)  # no record until the new copy is complete
         _remove_stale_temps(data)
-        log.info("Fetching %s into the cache.", uri)
+        log.log(logging.DEBUG if quiet else logging.INFO, "Fetching %s into the cache.", uri)
         head = self._download_s3(uri, data, field=field)
         self._write_meta(meta, data, uri, head)
 
@@ -1214,13 +1217,32 @@ class Storage:
                 raise UserError(_named(field, f"nothing is stored under {uri}; check the URI"))
             stale = [o for o in objects if not self._tree_member_ok(bucket, o)]
             if stale:
-                log.info("Fetching %d of %d files under %s.", len(stale), len(objects), uri)
-            workers = max(1, min(4, len(stale)))
-            with concurrent.futures.ThreadPoolExecutor(workers, "evaclip-fetch") as pool:
-                for future in [pool.submit(self._fetch_member, bucket, o, field) for o in stale]:
-                    future.result()
+                self._fetch_members(uri, bucket, stale, len(objects), field)
             self._prune(root, {o.relpath for o in objects})
         return root
+
+    def _fetch_members(
+        self, uri: str, bucket: str, stale: list[ObjectInfo], total: int, field: str | None
+    ) -> None:
+        """Download the missing files of a tree in parallel, logging files, rate and ETA."""
+        size = sum(o.size for o in stale)
+        log.info(
+            "Fetching %d of %d files (%s) under %s into the cache.",
+            len(stale),
+            total,
+            _human(size),
+            uri,
+        )
+        progress = _Progress(
+            f"Fetching {len(stale)} files under", uri, size, self.progress_interval
+        )
+        workers = max(1, min(len(stale), max(4, self.max_concurrency)))
+        with concurrent.futures.ThreadPoolExecutor(workers, "evaclip-fetch") as pool:
+            futures = [pool.submit(self._fetch_member, bucket, o, field) for o in stale]
+            for future, obj in zip(futures, stale, strict=True):
+                future.result()
+                progress(obj.size)
+        progress.finished()
 
     def _tree_member_ok(self, bucket: str, obj: ObjectInfo) -> bool:
         data, meta, _ = self._cache_paths(bucket, obj.key)
@@ -1228,9 +1250,9 @@ class Storage:
 
     def _fetch_member(self, bucket: str, obj: ObjectInfo, field: str | None) -> None:
         data, meta, lock = self._cache_paths(bucket, obj.key)
-        with self._locked(lock, obj.uri):
+        with self._locked(lock, obj.uri, quiet=True):
             if not self._cached_ok(data, meta, obj.uri, obj.size, obj.etag or ""):
-                self._fetch_into_cache(obj.uri, data, meta, field)
+                self._fetch_into_cache(obj.uri, data, meta, field, quiet=True)
 
     @staticmethod
     def _prune(root: Path, keep: set[str]) -> None:

@@ -150,3 +150,19 @@ def test_temp_files_of_a_killed_download_are_removed(proxied: Storage, bucket: s
     cached.unlink()  # as if the worker died mid-download
     assert proxied.fetch(uri).read_bytes() == b"w" * 2048
     assert sorted(p.name for p in cached.parent.iterdir()) == ["w.bin"]
+
+
+def test_fetch_tree_logs_progress_once_per_tree(
+    s3: EmbeddedS3, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    st = small_storage(s3, s3.endpoint, tmp_path / "cache", progress_interval=0.0)
+    for i in range(6):
+        st.write_bytes(f"s3://{bucket}/images/{i}.png", b"p" * 1000)
+    with caplog.at_level(logging.INFO, logger="evaclip.storage"):
+        st.fetch_tree(f"s3://{bucket}/images")
+    lines = [r.getMessage() for r in caplog.records if r.name == "evaclip.storage"]
+    assert lines[0] == f"Fetching 6 of 6 files (5.9 KiB) under s3://{bucket}/images into the cache."
+    assert any("ETA" in m and "/s" in m for m in lines)
+    assert not any("into the cache" in m and m.endswith(".png into the cache.") for m in lines)
