@@ -113,11 +113,20 @@ class EmbeddedS3:
 
     def ensure_bucket(self, name: str) -> None:
         """Create bucket ``name`` unless it exists."""
+        from evaclip.errors import UserError
+
         client = self.client()
         try:
             client.create_bucket(Bucket=name)
         except client.exceptions.BucketAlreadyOwnedByYou:
             pass
+        except client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidBucketName":
+                raise
+            raise UserError(
+                f"s3://{name}: '{name}' is not a valid bucket name; use 3 to 63 lowercase "
+                "letters, digits, dots and hyphens"
+            ) from None
 
     def storage(self, endpoint: str | None = None, **kwargs: Any) -> Any:
         """An ``evaclip.storage.Storage`` for this store (or a proxy), with its credentials."""

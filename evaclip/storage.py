@@ -1170,7 +1170,9 @@ class Storage:
     def fetch(self, uri: str, *, field: str | None = None) -> Path:
         """A verified local copy of one object from the node cache, downloading if needed.
 
-        Local paths are returned as they are (after checking they exist).
+        A URI that names no object but a non-empty prefix (or ends in ``/``) is fetched as
+        a tree, like :meth:`fetch_tree`. Local paths are returned as they are (after
+        checking they exist).
         """
         if not is_s3(uri):
             path = _local_path(uri)
@@ -1178,14 +1180,29 @@ class Storage:
                 raise UserError(_named(field, f"{uri} does not exist; check the path"))
             return path
         bucket, key = _split_s3(uri)
+        if not key or key.endswith("/"):
+            return self.fetch_tree(uri, field=field)
         data, meta, lock = self._cache_paths(bucket, key)
         with self._locked(lock, uri):
-            head = self._call("look up", uri, lambda: self._head(bucket, key), field=field)
-            if self._cached_ok(data, meta, uri, head.size, head.etag):
+            head = self._call("look up", uri, lambda: self._head_or_none(bucket, key), field=field)
+            if head is None:
+                tree = True
+            elif self._cached_ok(data, meta, uri, head.size, head.etag):
                 log.debug("Using the cached copy of %s.", uri)
                 return data
-            self._fetch_into_cache(uri, data, meta, field)
-        return data
+            else:
+                tree = False
+                self._fetch_into_cache(uri, data, meta, field)
+        return self.fetch_tree(uri, field=field) if tree else data
+
+    def _head_or_none(self, bucket: str, key: str) -> _Head | None:
+        """HEAD of an object, or None when there is no such object."""
+        try:
+            return self._head(bucket, key)
+        except Exception as exc:
+            if _error_code(exc)[0] in _MISSING_CODES:
+                return None
+            raise
 
     def _fetch_into_cache(
         self, uri: str, data: Path, meta: Path, field: str | None, quiet: bool = False

@@ -78,3 +78,16 @@ def test_missing_bucket_is_a_user_error_naming_output(storage: Storage) -> None:
 def test_check_writable_passes_and_leaves_nothing(storage: Storage, base: str) -> None:
     storage.check_writable(base)
     assert storage.list(base) == []
+
+
+def test_fetch_of_a_prefix_returns_the_tree(storage: Storage, bucket: str) -> None:
+    storage.write_bytes(f"s3://{bucket}/ckpt/a.bin", b"a")
+    storage.write_bytes(f"s3://{bucket}/ckpt/b/c.bin", b"c")
+    root = storage.fetch(f"s3://{bucket}/ckpt")
+    assert root == storage.fetch_tree(f"s3://{bucket}/ckpt/")
+    assert (root / "b" / "c.bin").read_bytes() == b"c"
+
+
+def test_embedded_store_refuses_an_invalid_bucket_name(s3) -> None:
+    with pytest.raises(UserError, match=r"^s3://ab: 'ab' is not a valid bucket name"):
+        s3.ensure_bucket("ab")
