@@ -9,7 +9,8 @@ the (verb, apiGroup, resource) triples the operator sent, for the chart's RBAC.
 kmock 0.8 stores objects exactly as sent. Tests of an operator need what every real API
 server provides, so the emulator adds it on the server side (never in the client):
 
-* on create: a name from `generateName`, `metadata.uid`, `creationTimestamp`, `resourceVersion`, `generation: 1`;
+* on create: a name from `generateName`, `metadata.uid`, `creationTimestamp`,
+  `resourceVersion`, `generation: 1`;
 * on patch: a new `resourceVersion`, and `generation + 1` when the spec changes;
 * status-subresource semantics for resources that declare one: a patch of the main
   resource drops `status`, a patch of `/status` changes only `status`;
