@@ -122,7 +122,7 @@ def run_mode(mode: str, path: Path, size_mb: float, ranks: int) -> dict[str, Any
         for proc, base, done in reports:
             now = _memory(proc.pid)
             rows.append({**done, **now, "pss_growth": now["pss"] - base["pss"],
-                         "baseline_pss": base["pss"]})
+                         "rss_growth": now["rss"] - base["rss"], "baseline_pss": base["pss"]})
     finally:
         for proc in procs:
             if proc.stdin:
@@ -134,10 +134,13 @@ def run_mode(mode: str, path: Path, size_mb: float, ranks: int) -> dict[str, Any
             "baseline": sum(r["baseline_pss"] for r in rows)}
 
 
-def run(size_mb: float, ranks: int, workdir: Path) -> dict[str, Any]:
+def run(
+    size_mb: float, ranks: int, workdir: Path, modes: tuple[str, ...] = ("mmap", "naive")
+) -> dict[str, Any]:
     st, pt, size = write_checkpoints(size_mb, workdir)
     results = {"size_mb": size / MB, "ranks": ranks, "modes": []}
-    for mode, path in (("mmap", st), ("naive", pt)):
+    for mode in modes:
+        path = st if mode == "mmap" else pt
         results["modes"].append(run_mode(mode, path, size_mb, ranks))
     return results
 
