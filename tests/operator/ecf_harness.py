@@ -453,3 +453,28 @@ def _unknown_fields(obj: Any, schema: dict[str, Any], path: str) -> list[str]:
         for i, item in enumerate(obj):
             out += _unknown_fields(item, schema["items"], f"{path}[{i}]")
     return out
+
+
+# Every (verb, apiGroup, resource) the operator sends when it runs cluster-wide, as
+# observed by tests/operator/test_rbac.py; the Helm chart's ClusterRole must grant these.
+OPERATOR_API_CALLS = frozenset({
+    # kopf: watching our resource, its bookkeeping annotations, and Events
+    ("list", "training.evaclip.io", "evaclipfinetunes"),
+    ("watch", "training.evaclip.io", "evaclipfinetunes"),
+    ("patch", "training.evaclip.io", "evaclipfinetunes"),
+    ("create", "", "events"),
+    # kopf: noticing CRDs installed later (the PyTorchJob API), read-only
+    ("list", "apiextensions.k8s.io", "customresourcedefinitions"),
+    ("watch", "apiextensions.k8s.io", "customresourcedefinitions"),
+    # the reconciler: status, children, job events
+    ("get", "training.evaclip.io", "evaclipfinetunes"),
+    ("patch", "training.evaclip.io", "evaclipfinetunes/status"),
+    ("create", "", "configmaps"),
+    ("get", "", "configmaps"),
+    ("patch", "", "configmaps"),
+    ("list", "kubeflow.org", "pytorchjobs"),
+    ("watch", "kubeflow.org", "pytorchjobs"),
+    ("get", "kubeflow.org", "pytorchjobs"),
+    ("create", "kubeflow.org", "pytorchjobs"),
+    ("patch", "kubeflow.org", "pytorchjobs"),
+})
