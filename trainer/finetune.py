@@ -70,21 +70,64 @@ PID_FILE = "rank-{rank}.pid"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class Standardize(nn.Module):
+    """Per-dimension standardisation of embeddings, `(z - mean) / std`.
+
+    Training uses each micro-batch's own statistics (as a BatchNorm without affine
+    parameters does); evaluation and the exported head use `mean` and `inv_std`, measured
+    over training images with the current tower just before each validation
+    (`FinetuneRecipe._measure_statistics`). Statistics are computed in fp32.
+    """
+
+    eps = 1e-12
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("inv_std", torch.ones(dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = z.float()
+        if self.training and len(x) > 1:
+            mean = x.mean(0)
+            inv_std = (x.var(0, unbiased=False) + self.eps).rsqrt()
+        else:
+            mean, inv_std = self.mean.float(), self.inv_std.float()
+        return ((x - mean) * inv_std).to(z.dtype)
+
+
 class Classifier(nn.Module):
-    """A tower (bare, or wrapped by peft) followed by a linear head on its embedding."""
+    """A tower (bare, or wrapped by peft) followed by a linear head on its embedding.
+
+    Between the two, the (optionally L2-normalised) embedding is standardised per dimension
+    (`Standardize`): the linear probe standardises its cached features the same way, and
+    without it the head of a tower whose embeddings share a large common direction (a
+    random tower's do, to a cosine of 0.997) hardly learns. The measured statistics are
+    folded into the exported head (`folded_head`), so the published head is a plain
+    `weight @ embedding + bias` like the linear probe's.
+    """
 
     def __init__(self, tower: nn.Module, embed_dim: int, num_classes: int,
                  normalize: bool) -> None:
         super().__init__()
         self.tower = tower
+        self.standardize = Standardize(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self.normalize = normalize
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
         z = self.tower(images)
-        if self.normalize:
-            z = nn.functional.normalize(z, dim=-1)
-        return self.head(z)
+        return nn.functional.normalize(z, dim=-1) if self.normalize else z
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.standardize(self.embed(images)))
+
+    def folded_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the head with the standardisation folded in, in fp32."""
+        s = self.standardize
+        weight = self.head.weight.detach().float() * s.inv_std.float()
+        bias = self.head.bias.detach().float() - weight @ s.mean.float()
+        return weight, bias
 
 
 # --- methods ----------------------------------------------------------------------------
@@ -293,6 +336,32 @@ class FinetuneRecipe:
             log.info("Resumed at step %d (epoch %d, batch %d).", self.step,
                      self.start_epoch + 1, self.skip_batches)
 
+    @torch.no_grad()
+    def _measure_statistics(self, batches: int = 8) -> None:
+        """Mean and std of the current embeddings of training images, over all ranks.
+
+        Up to `batches` micro-batches per rank, taken in the order of epoch 0; every epoch
+        re-seeds the sampler afterwards, so this leaves the training order untouched.
+        """
+        self.engine.eval()
+        self.train_loader.sampler.set_epoch(0)
+        sums = None
+        for batch in itertools.islice(self.train_loader, batches):
+            images = batch["images"].to(self.ctx.device, self.dtype)
+            z = self.engine.module.embed(images).double() if len(images) else None
+            if z is None:
+                self._spare_forward(None)
+                continue
+            part = torch.stack([z.sum(0), (z * z).sum(0), torch.full_like(z[0], len(z))])
+            sums = part.cpu() if sums is None else sums + part.cpu()
+        self.engine.train()
+        sums = self._all_reduce(sums)
+        mean = sums[0] / sums[2]
+        std = (sums[1] / sums[2] - mean * mean).clamp_min(1e-12).sqrt()
+        s = self.model.standardize
+        s.mean.copy_(mean.to(s.mean.dtype))
+        s.inv_std.copy_((1.0 / std.clamp_min(1e-6)).to(s.inv_std.dtype))
+
     # ---------------------------------------------------------------- training
 
     def train(self) -> None:
@@ -360,26 +429,42 @@ class FinetuneRecipe:
         totals = self._all_reduce(loss_sum)
         return float(totals[0] / max(totals[1], 1)), int(totals[1])
 
-    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, tensor: torch.Tensor, max_: bool = False) -> torch.Tensor:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if max_ else dist.ReduceOp.SUM)
         return tensor
+
+    def _spare_forward(self, images: torch.Tensor | None) -> None:
+        """A forward whose result is dropped, keeping ZeRO-3's collectives in step."""
+        if images is None:
+            size = self.tower.preset.image_size
+            images = torch.zeros(1, 3, size, size, device=self.ctx.device, dtype=self.dtype)
+        self.engine(images)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float, float]:
         """Validation top-1, top-5 and loss over the whole validation set (all ranks)."""
+        self._measure_statistics()
         self.engine.eval()
         n_classes = len(self.class_names)
         sums = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss, count
         confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64)
         k = min(5, n_classes)
+        # Under ZeRO-3 every forward is collective: ranks with fewer validation batches
+        # repeat a forward of their last images (not counted) until all ranks are done.
+        rounds = self._all_reduce(torch.tensor([len(self.val_loader)]), max_=True).item()
+        spare: torch.Tensor | None = None
+        done = 0
         for batch in self.val_loader:
+            done += 1
             if not len(batch["labels"]):
+                self._spare_forward(spare)
                 continue
             images = batch["images"].to(self.ctx.device, self.dtype)
             labels = batch["labels"].to(self.ctx.device)
+            spare = images[:1]
             logits = self.engine(images).float()
             top = logits.topk(k, dim=-1).indices
             sums[0] += (top[:, 0] == labels).sum().item()
@@ -388,6 +473,8 @@ class FinetuneRecipe:
             sums[3] += len(labels)
             for true, pred in zip(labels.tolist(), top[:, 0].tolist(), strict=True):
                 confusion[true, pred] += 1
+        for _ in range(int(rounds) - done):
+            self._spare_forward(spare)
         self.engine.train()
         s = self._all_reduce(sums)
         self.confusion = self._all_reduce(confusion).long().tolist()
@@ -432,8 +519,8 @@ class FinetuneRecipe:
                             (trained if method != "full" else [])):
             if not self.ctx.is_primary:
                 return artifacts
-            write_head(folder, self.ctx, self.model.head.weight, self.model.head.bias,
-                       self.class_names)
+            weight, bias = self.model.folded_head()
+            write_head(folder, self.ctx, weight, bias, self.class_names)
             artifacts["head"] = "head.safetensors"
             if method == "lora":
                 self._save_adapter(folder / "adapter")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evaclip.trainer.checkpointing import COMPLETE, CheckpointManager, tag_for
-
 from evaclip.storage import Storage
+from evaclip.trainer.checkpointing import COMPLETE, CheckpointManager, tag_for
 
 
 class FileWritingEngine:

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from evaclip.trainer.deepspeed_config import deep_merge, render_deepspeed_config
-from evaclip.trainer.param_groups import build_param_groups, layer_id, warmup_cosine
 
 from evaclip.errors import UserError
 from evaclip.manifest import parse_resource
 from evaclip.models import build_tower
+from evaclip.trainer.deepspeed_config import deep_merge, render_deepspeed_config
+from evaclip.trainer.param_groups import build_param_groups, layer_id, warmup_cosine
 
 
 def _spec(**overrides):
