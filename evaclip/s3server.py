@@ -150,6 +150,7 @@ class EmbeddedS3:
 # --------------------------------------------------------------------------- faults
 
 FAULT_KINDS = ("503", "500", "reset")  # the transient ones, which storms draw from
+ALL_FAULT_KINDS = (*FAULT_KINDS, "corrupt", "403")
 _ERRORS = {
     "503": ("Service Unavailable", "SlowDown", "Please reduce your request rate."),
     "500": ("Internal Server Error", "InternalError", "We encountered an internal error."),
@@ -207,8 +208,11 @@ class FaultProxy:
     ``fail(n, kind)`` breaks the next ``n`` matching requests; ``storm(p, kinds)`` breaks
     each matching request with probability ``p`` until ``calm()``. Kinds: ``"503"``
     (SlowDown), ``"500"`` (InternalError), ``"reset"`` (forward the request, then send half
-    of the response and reset the connection; with no body to halve, reset at once), and
-    ``"403"`` (AccessDenied, to play a missing permission; never drawn by a storm).
+    of the response and reset the connection; with no body to halve, reset at once),
+    ``"corrupt"`` (flip one byte in the middle of an object's content in a GET response;
+    other responses pass unchanged and the fault is not counted), and ``"403"``
+    (AccessDenied, to play a missing permission). Storms draw from the first three unless
+    told otherwise.
     ``requests``/``count()`` tell what arrived and ``faults`` how many of each were injected;
     ``max_in_flight`` is the most requests handled at once (parallel transfers show there).
     ``latency`` seconds are added before forwarding each request.
@@ -341,7 +345,7 @@ class FaultProxy:
         with self._lock:
             self._in_flight -= 1
 
-    def _choose(self, method: str, path: str) -> str | None:
+    def _choose(self, method: str, path: str) -> Seen:
         with self._lock:
             fault = None
             for rule in self._state.rules:
@@ -358,10 +362,24 @@ class FaultProxy:
                         fault = rule.kind
                         break
                     draw -= rule.probability
-            self._state.seen.append(Seen(method, path, fault))
+            seen = Seen(method, path, fault)
+            self._state.seen.append(seen)
             if fault:
                 self._state.faults[fault] += 1
-            return fault
+            return seen
+
+    def _corrupted(
+        self, seen: Seen, status: int, headers: list[tuple[str, str]], data: bytes
+    ) -> bytes:
+        """``data`` with one byte flipped when it is object content; else unchanged."""
+        kind = next((v for k, v in headers if k.lower() == "content-type"), "")
+        if seen.method != "GET" or status not in (200, 206) or not data or "xml" in kind:
+            with self._lock:
+                self._state.faults["corrupt"] -= 1
+                seen.fault = None
+            return data
+        middle = len(data) // 2
+        return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
 
     def _forward(
         self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
@@ -384,8 +402,8 @@ class FaultProxy:
 
 def _kind(kind: str) -> str:
     kind = str(kind)
-    if kind not in (*FAULT_KINDS, "403"):
-        raise ValueError(f"fault kind {kind!r} is not one of {', '.join(FAULT_KINDS)}, 403")
+    if kind not in ALL_FAULT_KINDS:
+        raise ValueError(f"fault kind {kind!r} is not one of {', '.join(ALL_FAULT_KINDS)}")
     return kind
 
 
@@ -419,7 +437,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         if proxy.latency:
             time.sleep(proxy.latency)
-        fault = proxy._choose(self.command, self.path)
+        seen = proxy._choose(self.command, self.path)
+        fault = seen.fault
         if fault in _ERRORS:
             self._send_error(fault)
             return
@@ -432,6 +451,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if fault == "reset":
             self._send_then_reset(status, headers, data)
+        elif fault == "corrupt":
+            self._send(status, headers, proxy._corrupted(seen, status, headers, data))
         else:
             self._send(status, headers, data)
 

@@ -231,6 +231,28 @@ def _verify_local(path: Path, head: _Head) -> None:
             raise _IntegrityError("MD5 differs from the object's ETag")
 
 
+def _head_of(resp: dict[str, Any]) -> _Head:
+    """What a HEAD or GET response says about the object's size and content."""
+    sse = resp.get("ServerSideEncryption") or ""
+    return _Head(
+        size=int(resp["ContentLength"]),
+        etag=str(resp.get("ETag", "")).strip('"'),
+        sha256=(resp.get("Metadata") or {}).get(_SHA256_META),
+        md5_based=sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm"),
+    )
+
+
+def _verify_bytes(data: bytes, head: _Head) -> None:
+    """Raise _IntegrityError unless ``data`` is what ``head`` describes."""
+    if len(data) != head.size:
+        raise _IntegrityError(f"got {len(data)} bytes, expected {head.size}")
+    if head.sha256 and hashlib.sha256(data).hexdigest() != head.sha256:
+        raise _IntegrityError("SHA-256 differs from the object's recorded sha256")
+    if not head.sha256 and head.md5_etag:
+        if hashlib.md5(data, usedforsecurity=False).hexdigest() != head.etag:
+            raise _IntegrityError("MD5 differs from the object's ETag")
+
+
 def _fsync_replace(tmp: Path, dest: Path) -> None:
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -295,6 +317,18 @@ def _local_files(root: Path) -> list[tuple[str, Path]]:
             path = Path(dirpath) / name
             found.append((path.relative_to(root).as_posix(), path))
     return sorted(found)
+
+
+def _run_parallel(calls: list[Callable[[], _T]], workers: int, name: str) -> list[_T]:
+    """Run calls on a thread pool; on the first failure drop the queued ones and raise it."""
+    with concurrent.futures.ThreadPoolExecutor(workers, name) as pool:
+        futures = [pool.submit(call) for call in calls]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 # --------------------------------------------------------------------------- progress
@@ -768,15 +802,7 @@ class Storage:
             ) from exc
 
     def _head(self, bucket: str, key: str) -> _Head:
-        resp = self._client.head_object(Bucket=bucket, Key=key)
-        etag = str(resp.get("ETag", "")).strip('"')
-        sse = resp.get("ServerSideEncryption") or ""
-        return _Head(
-            size=int(resp["ContentLength"]),
-            etag=etag,
-            sha256=(resp.get("Metadata") or {}).get(_SHA256_META),
-            md5_based=sse in ("", "AES256") and not resp.get("SSECustomerAlgorithm"),
-        )
+        return _head_of(self._client.head_object(Bucket=bucket, Key=key))
 
     def _list_s3(self, uri: str) -> list[ObjectInfo]:
         bucket, key = _split_s3(uri)
@@ -855,8 +881,7 @@ class Storage:
         def get() -> bytes:
             resp = self._client.get_object(Bucket=bucket, Key=key)
             data = resp["Body"].read()
-            if len(data) != int(resp["ContentLength"]):
-                raise _IntegrityError(f"got {len(data)} bytes, expected {resp['ContentLength']}")
+            _verify_bytes(data, _head_of(resp))
             return data
 
         return self._call("read", uri, get, field=field)
@@ -984,12 +1009,12 @@ class Storage:
     def _upload_many(
         self, items: list[tuple[str, Path, str]], field: str | None
     ) -> list[ObjectInfo]:
+        """Upload (relpath, local path, URI) items, a few files at a time."""
         workers = max(1, min(4, len(items)))
-        with concurrent.futures.ThreadPoolExecutor(workers, "evaclip-upload") as pool:
-            futures = [
-                pool.submit(self.upload_file, path, dest, field=field) for _, path, dest in items
-            ]
-            infos = [f.result() for f in futures]
+        calls = [
+            lambda p=path, d=dest: self.upload_file(p, d, field=field) for _, path, dest in items
+        ]
+        infos = _run_parallel(calls, workers, "evaclip-upload")
         return [
             ObjectInfo(info.uri, info.key, rel, info.size, info.etag, info.sha256)
             for info, (rel, _, _) in zip(infos, items, strict=True)
@@ -1254,11 +1279,12 @@ class Storage:
             f"Fetching {len(stale)} files under", uri, size, self.progress_interval
         )
         workers = max(1, min(len(stale), max(4, self.max_concurrency)))
-        with concurrent.futures.ThreadPoolExecutor(workers, "evaclip-fetch") as pool:
-            futures = [pool.submit(self._fetch_member, bucket, o, field) for o in stale]
-            for future, obj in zip(futures, stale, strict=True):
-                future.result()
-                progress(obj.size)
+
+        def member(obj: ObjectInfo) -> None:
+            self._fetch_member(bucket, obj, field)
+            progress(obj.size)
+
+        _run_parallel([lambda o=o: member(o) for o in stale], workers, "evaclip-fetch")
         progress.finished()
 
     def _tree_member_ok(self, bucket: str, obj: ObjectInfo) -> bool:

@@ -153,3 +153,40 @@ def test_permanent_storm_fails_clearly_and_leaves_nothing(
         st.fetch(uri)
     cached = list((tmp_path / "cache").rglob("*w.bin*"))
     assert cached == []
+
+
+def test_corrupted_responses_are_caught_and_fetched_again(
+    proxy: FaultProxy, proxied: Storage, bucket: str, big_file: Path, tmp_path: Path
+) -> None:
+    """Bytes damaged in flight fail the SHA-256 check; the transfer starts over."""
+    uri = f"s3://{bucket}/weights.bin"
+    proxied.upload_file(big_file, uri)
+    proxy.fail(1, "corrupt", methods=["GET"], path_contains="/weights.bin")
+    dest = proxied.download(uri, tmp_path / "weights.bin")
+    assert proxy.faults["corrupt"] == 1
+    assert _sha(dest) == _sha(big_file)
+    assert proxy.count("GET", "/weights.bin") == 6  # three ranges, twice
+
+
+@pytest.mark.parametrize("writer", ["evaclip", "other-tool"])
+def test_corruption_storm_never_lands_a_damaged_file(
+    s3: EmbeddedS3, proxy: FaultProxy, proxied: Storage, bucket: str, tmp_path: Path, writer: str
+) -> None:
+    """Checked by the recorded SHA-256, or by the MD5 ETag for objects written elsewhere."""
+    uri = f"s3://{bucket}/w.bin"
+    data = os.urandom(100_000)
+    if writer == "evaclip":
+        proxied.write_bytes(uri, data)
+    else:
+        s3.client().put_object(Bucket=bucket, Key="w.bin", Body=data)
+    check = "SHA-256 differs" if writer == "evaclip" else "MD5 differs"
+    proxy.storm(1.0, kinds=["corrupt"], methods=["GET"])
+    with pytest.raises(StorageError, match=check):
+        proxied.fetch(uri)
+    with pytest.raises(StorageError, match=check):
+        proxied.read_bytes(uri)
+    with pytest.raises(StorageError, match=check):
+        proxied.download(uri, tmp_path / "out" / "w.bin")
+    assert list(tmp_path.rglob("w.bin*")) == []
+    proxy.calm()
+    assert proxied.fetch(uri).read_bytes() == data
