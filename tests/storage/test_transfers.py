@@ -94,7 +94,7 @@ def test_download_survives_faults(
     assert proxied.fetch(uri).read_bytes() == dest.read_bytes()
 
 
-@pytest.mark.parametrize("kind", ["503", "500", "reset"])
+@pytest.mark.parametrize("kind", ["500", "reset"])  # SlowDown: see the download test
 def test_upload_survives_faults(
     s3: EmbeddedS3, proxy: FaultProxy, proxied: Storage, bucket: str, big_file: Path, kind: str
 ) -> None:
