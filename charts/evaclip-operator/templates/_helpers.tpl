@@ -146,11 +146,11 @@ Kubernetes garbage collection removes them with it.
 {{- end }}
 
 {{/*
-evaclip-operator.trainerRules: the RBAC rules of the training pods: rank 0 reads and patches
-the status of its EvaClipFinetune to report progress and metrics, nothing else.
+evaclip-operator.trainerRules: the RBAC rules of the training pods: rank 0 patches the status
+of its EvaClipFinetune to report progress and metrics (trainer/k8s_status.py), nothing else.
 */}}
 {{- define "evaclip-operator.trainerRules" -}}
 - apiGroups: ["training.evaclip.io"]
   resources: ["evaclipfinetunes/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 {{- end }}
