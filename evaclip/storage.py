@@ -108,7 +108,7 @@ class _IntegrityError(Exception):
 class ObjectInfo:
     """One stored object (or local file) found by :meth:`Storage.list`.
 
-    ``key`` is the full S3 key (or the absolute local path); ``relpath`` is the path relative
+    ``key`` is the full S3 key (or the local file path); ``relpath`` is the path relative
     to the listed prefix, with ``/`` separators. ``etag`` is None for local files.
     """
 
@@ -847,8 +847,9 @@ class Storage:
         root = _local_path(uri)
         if not root.exists():
             return []
+        single = root.is_file()
         return [
-            ObjectInfo(str(path), str(path), rel, path.stat().st_size)
+            ObjectInfo(uri if single else join_uri(uri, rel), str(path), rel, path.stat().st_size)
             for rel, path in _local_files(root)
         ]
 

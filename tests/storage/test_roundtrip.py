@@ -10,11 +10,16 @@ from evaclip.errors import UserError
 from evaclip.storage import Storage, is_s3, join_uri
 
 
-@pytest.fixture(params=["s3", "local"])
-def base(request, bucket: str, tmp_path: Path) -> str:
-    """The root URI of one test, on S3 or on local disk."""
+@pytest.fixture(params=["s3", "local", "file-uri", "relative"])
+def base(request, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The root URI of one test: on S3, or on local disk in each way of writing a path."""
     if request.param == "s3":
         return f"s3://{bucket}/run"
+    if request.param == "file-uri":
+        return f"file://{tmp_path}/store/run"
+    if request.param == "relative":
+        monkeypatch.chdir(tmp_path)
+        return "./store/run"
     return str(tmp_path / "store" / "run")
 
 
