@@ -331,6 +331,30 @@ def _run_parallel(calls: list[Callable[[], _T]], workers: int, name: str) -> lis
             raise
 
 
+_warned_no_flock = False
+
+
+def _flock(fh: Any, uri: str, quiet: bool) -> bool:
+    """Take an exclusive lock on ``fh``, waiting for its holder; False where unsupported."""
+    global _warned_no_flock
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        level = logging.DEBUG if quiet else logging.INFO
+        log.log(level, "Waiting for another process on this node to fetch %s.", uri)
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return True
+    except OSError as exc:
+        if not _warned_no_flock:
+            _warned_no_flock = True
+            log.warning(
+                "The cache's file system does not support locks (%s); ranks fetch on their own.",
+                exc.strerror,
+            )
+        return False
+
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -1139,19 +1163,27 @@ class Storage:
 
     @contextlib.contextmanager
     def _locked(self, lock_path: Path, uri: str, quiet: bool = False) -> Iterator[None]:
-        """Hold an exclusive file lock; others on this node wait for the holder to finish."""
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+b") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                level = logging.DEBUG if quiet else logging.INFO
-                log.log(level, "Waiting for another process on this node to fetch %s.", uri)
-                fcntl.flock(fh, fcntl.LOCK_EX)
+        """Hold an exclusive file lock; others on this node wait for the holder to finish.
+
+        On a file system without flock support the work goes ahead unlocked (with a
+        warning): ranks may then download the same file twice, each through its own temp
+        file, which costs time but never leaves a damaged copy.
+        """
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(lock_path, "a+b")  # closed below, after unlocking
+        except OSError as exc:
+            raise StorageError(
+                f"cannot use the cache at {self.cache_dir} ({exc.strerror}); "
+                f"point {CACHE_ENV} to a writable directory"
+            ) from exc
+        with fh:
+            locked = _flock(fh, uri, quiet)
             try:
                 yield
             finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                if locked:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
 
     @staticmethod
     def _cached_ok(data: Path, meta_path: Path, uri: str, size: int, etag: str) -> bool:

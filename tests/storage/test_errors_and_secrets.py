@@ -180,3 +180,13 @@ def test_denied_read_is_a_user_error_and_not_retried(
     with pytest.raises(UserError, match=r"^data\.labels: access denied to read .*s3:GetObject"):
         proxied.read_bytes(f"s3://{bucket}/labels.csv", field="data.labels")
     assert proxy.faults["403"] == 1
+
+
+def test_unusable_cache_dir_is_named(s3: EmbeddedS3, bucket: str, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    st = s3.storage(cache_dir=tmp_path / "file" / "cache")
+    st.write_bytes(f"s3://{bucket}/w.bin", b"w")
+    with pytest.raises(
+        StorageError, match=r"cannot use the cache at .*file/cache .*EVACLIP_CACHE_DIR"
+    ):
+        st.fetch(f"s3://{bucket}/w.bin")
