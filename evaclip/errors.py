@@ -25,6 +25,8 @@ def _path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not str(part).isprintable() or not str(part):
+            out += f"[{str(part)!r}]"  # a key with line breaks must not break the one line
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -53,6 +55,7 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> SpecErr
         text = f"{field}.{msg}" if field else msg
     else:
         text = f"{field}: got {_shown(first.get('input'))}; {msg}"
+    text = " ".join(text.splitlines())  # messages may echo input with line breaks
     more = err.error_count() - 1
     if more:
         text += f" (and {more} more problem{'s' if more > 1 else ''})"

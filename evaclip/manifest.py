@@ -60,4 +60,6 @@ def load_manifest(path: str | Path) -> EvaClipFinetune:
         raise SpecError(f"{p}: no such manifest file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"{p}: cannot read manifest: {err}") from None
+    except ValueError as err:  # a path with a NUL byte, which no file system accepts
+        raise SpecError(f"{str(path)!r}: cannot read manifest: {err}") from None
     return load_text(text, source=str(p))
