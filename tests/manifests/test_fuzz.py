@@ -101,3 +101,59 @@ def test_cli_arguments_never_raise(argv: list[str]) -> None:
 def test_directory_instead_of_file_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "/"]) == 1
     assert "cannot read manifest" in capsys.readouterr().err
+
+
+# --- run and plan: mutated manifests and argument lists, never a job -------------------------
+
+# `run` checks the manifest, the memory plan and then its --stage folders before it creates
+# anything; a --stage folder that does not exist therefore guarantees no job starts, while
+# everything before it (argument parsing, manifest, plan, --nproc) is exercised.
+NO_JOB = ["--stage", "/nonexistent-evaclip-stage=s3://evaclip-demo/x"]
+run_flags = st.lists(
+    st.sampled_from(["--local", "--nproc", "0", "-1", "2", "abc", "--copy-to", "--workdir",
+                     "--stage", "x=y", "=", "a=s3://b/c", "--help", "--", ""])
+    | st.text(max_size=8),
+    max_size=5,
+)
+
+
+def _one_line_error_or_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> int | str:
+    try:
+        code = main(argv)
+    except SystemExit as done:
+        assert done.code in (0, 2), done.code
+        capsys.readouterr()
+        return "usage"
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    if code == 1:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return code
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(argv=run_flags)
+def test_run_arguments_fail_cleanly_without_starting(argv: list[str], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "work"
+    code = _one_line_error_or_usage(
+        ["run", str(EXAMPLE), *argv, "--workdir", str(work), *NO_JOB], capsys)
+    assert code in ("usage", 1)
+    assert not (work / "config.json").exists()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(doc=mutated_manifests())
+def test_run_and_plan_of_mutated_manifests_fail_cleanly(doc: object, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    work = tmp_path / "work"
+    assert _one_line_error_or_usage(
+        ["run", str(path), "--local", "--workdir", str(work), *NO_JOB], capsys) == 1
+    assert not (work / "config.json").exists()
+    assert _one_line_error_or_usage(["plan", str(path)], capsys) in (0, 1)
