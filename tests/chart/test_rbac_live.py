@@ -173,17 +173,20 @@ def test_authorization_requests_are_parsed_like_the_api_server() -> None:
 ])
 @pytest.mark.asyncio
 async def test_operator_works_with_exactly_the_chart_permissions(cluster, render, mode) -> None:
+    """The operator, started with the Deployment's own args and variables, under its RBAC."""
     rbac = _rbac_module()
+    # Release in "default", where the resources are, so that is a trainer namespace too.
+    values = {"watchNamespaces": ["default"]} if mode == "namespaced" else {}
+    objects = render(values, namespace="default")
     if mode == "namespaced":
-        objects = render({"watchNamespaces": ["default"]})
         assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
-        cluster.emulator.allow(_granted(objects), {"default"})
-        args = ("--namespace", "default")
-    else:
-        cluster.emulator.allow(_granted(render()), None)
-        args = ("--all-namespaces",)
+    cluster.emulator.allow(_granted(objects), {"default"} if mode == "namespaced" else None)
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]
+           if e["name"] not in ("EVACLIP_LIVENESS_ENDPOINT", "EVACLIP_METRICS_PORT")}
 
-    op = await cluster.start_operator(*args, ready=False)
+    op = await cluster.start_operator(*container["args"], ready=False, **env)
     started = time.monotonic()
     await cluster.wait_ready(op, timeout=READY_TIMEOUT)
     ready_after = time.monotonic() - started
@@ -196,4 +199,11 @@ async def test_operator_works_with_exactly_the_chart_permissions(cluster, render
     sent = cluster.operator_calls()
     assert ("create", "kubeflow.org", "pytorchjobs") in sent  # the recording works
     assert sent - optional <= rbac.operator_calls(), "test_rbac.py misses a call kopf makes"
+
+    # The training pods run as the service account the chart binds to the trainer Role.
+    pod = cluster.job("a")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    (binding,) = [o for o in objects if o["kind"] == "RoleBinding"
+                  and o["metadata"]["name"].endswith("-trainer")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": "default"}]
     assert ready_after < READY_TIMEOUT

@@ -74,6 +74,13 @@ def test_trainer_image_matches_the_pinned_torch_and_deepspeed() -> None:
     assert re.search(r'^ENTRYPOINT \["evaclip", "launch"\]$', text, re.M)
 
 
+def test_trainer_entrypoint_is_the_launch_command() -> None:
+    from evaclip.cli import build_parser
+
+    args = build_parser().parse_args(["launch"])
+    assert args.func.__module__.startswith("evaclip.trainer.")
+
+
 def test_operator_image_pins_the_tested_versions() -> None:
     pins = _pins(OPERATOR)
     for name in ("kopf", "kubernetes", "pydantic", "pyyaml", "prometheus-client"):
