@@ -74,6 +74,19 @@ def test_trainer_image_matches_the_pinned_torch_and_deepspeed() -> None:
     assert re.search(r'^ENTRYPOINT \["evaclip", "launch"\]$', text, re.M)
 
 
+@pytest.mark.parametrize("dockerfile", [TRAINER, OPERATOR], ids=lambda p: p.name)
+def test_build_context_holds_what_the_dockerfile_copies(dockerfile: Path) -> None:
+    """.dockerignore leaves out everything but what the builds COPY, and never those."""
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*"
+    included = {ln[1:] for ln in lines if ln.startswith("!")}
+    copies = re.findall(r"^COPY (?!--from)(.+)$", dockerfile.read_text(), re.M)
+    sources = {src for line in copies for src in line.split()[:-1]}
+    assert sources and sources <= included, sorted(sources - included)
+    assert all((ROOT / src).exists() for src in sources)
+
+
 def test_trainer_entrypoint_is_the_launch_command() -> None:
     from evaclip.cli import build_parser
 
