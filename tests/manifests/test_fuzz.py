@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,20 @@ from evaclip.cli import main
 from evaclip.errors import SpecError
 from evaclip.manifest import load_text, parse_resource
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+import tally  # noqa: E402
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits-linear-probe.yaml"
 BASE = yaml.safe_load(EXAMPLE.read_text())
+
+@pytest.fixture(autouse=True)
+def _count_in_the_tally(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each property below is one row entry of docs/reliability.md: passed or not."""
+    failed_before = request.session.testsfailed
+    yield
+    if hasattr(request.function, "hypothesis"):
+        tally.record("fuzz", survived=int(request.session.testsfailed == failed_before))
+
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
