@@ -49,6 +49,7 @@ class EmbeddedS3:
         self._port = port
         self._buckets = list(buckets)
         self._server: Any = None
+        self._clients: dict[str, Any] = {}
         self.endpoint = ""
 
     def start(self) -> EmbeddedS3:
@@ -105,11 +106,15 @@ class EmbeddedS3:
         import boto3
         from botocore.config import Config
 
-        return boto3.session.Session(**self.credentials, region_name=self.region).client(
-            "s3",
-            endpoint_url=endpoint or self.endpoint,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-        )
+        endpoint = endpoint or self.endpoint
+        if endpoint not in self._clients:
+            session = boto3.session.Session(**self.credentials, region_name=self.region)
+            self._clients[endpoint] = session.client(
+                "s3",
+                endpoint_url=endpoint,
+                config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+            )
+        return self._clients[endpoint]
 
     def ensure_bucket(self, name: str) -> None:
         """Create bucket ``name`` unless it exists."""
