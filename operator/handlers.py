@@ -137,9 +137,11 @@ class Reconciler:
                 if latest is None:
                     return
                 current = latest.get("status") or {}
-            self._reconcile_locked(body, current)
+            self._reconcile_locked(body, current, look_up=fresh)
 
-    def _reconcile_locked(self, body: dict[str, Any], current: dict[str, Any]) -> None:
+    def _reconcile_locked(
+        self, body: dict[str, Any], current: dict[str, Any], *, look_up: bool
+    ) -> None:
         meta = body["metadata"]
         namespace, name = meta.get("namespace", "default"), meta["name"]
         generation = meta.get("generation")
@@ -156,7 +158,10 @@ class Reconciler:
             raise kopf.PermanentError(str(err)) from None
 
         try:
-            job = self.launcher.get(namespace, name)
+            # A new resource has no job yet: create at once, and adopt on AlreadyExists (an
+            # earlier run that stopped midway). Otherwise look the job up by name first.
+            self.launcher.check_available()
+            job = self.launcher.get(namespace, name) if look_up or created_before else None
         except LauncherUnavailable as err:
             self._launcher_unavailable(body, current, err, generation)
             raise kopf.TemporaryError(str(err), delay=self.config.launcher_retry_seconds) from None
@@ -309,6 +314,8 @@ class Reconciler:
         name = (meta.get("labels") or {}).get(render.LABEL_FINETUNE)
         if not name:
             return
+        if event_type == "ADDED" and not job.get("status"):
+            return  # just created: the create handler wrote the status it implies
         with self.lock(namespace, name):
             owner = self.read(namespace, name)
             if owner is None or owner["metadata"].get("deletionTimestamp"):

@@ -14,7 +14,8 @@ server provides, so the emulator adds it on the server side (never in the client
 * on patch: a new `resourceVersion`, and `generation + 1` when the spec changes;
 * status-subresource semantics for resources that declare one: a patch of the main
   resource drops `status`, a patch of `/status` changes only `status`;
-* a monotonic time for every request (`times`), which the scale benchmark reads.
+* a monotonic time for every request (`time_of`), which the scale benchmark reads;
+* request matching that stays fast over thousands of requests (see `_handle`).
 
 Garbage collection, admission and defaulting stay out: tests check owner references
 instead of relying on cascading deletion.
@@ -53,20 +54,35 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._rv = itertools.count(1)
-        self.times: dict[int, float] = {}
+        self._history: list[kmock.Request] = []
+        self._times: dict[int, float] = {}
         # Plural names whose create requests fail with HTTP 500, storing nothing.
         self.failing_creates: set[str] = set()
 
     @property
     def requests(self) -> list[kmock.Request]:
         """Every request served so far, in arrival order."""
-        return list(self._requests)
+        return list(self._history)
+
+    def time_of(self, request: kmock.Request) -> float:
+        """When the server received `request` (time.monotonic)."""
+        return self._times[id(request)]
 
     def _has_status(self, resource: Any) -> bool:
         return resource in self.resources and "status" in self.resources[resource].subresources
 
     async def _handle(self, request: kmock.Request) -> Any:
-        self.times[request.id] = time.monotonic()
+        self._times[id(request)] = time.monotonic()
+        self._history.append(request)
+        try:
+            return await self._handle_request(request)
+        finally:
+            # kmock 0.8 matches every request against its whole request log, which makes
+            # serving quadratic in the number of requests (minutes for a few thousand).
+            # Its log keeps only requests in flight; the full history is self._history.
+            self._requests[:] = [r for r in self._requests if r is not request]
+
+    async def _handle_request(self, request: kmock.Request) -> Any:
         data = request.data
         if (request.action == kmock.action.CREATE and request.resource is not None
                 and request.resource.plural in self.failing_creates):

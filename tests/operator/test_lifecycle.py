@@ -159,6 +159,26 @@ async def test_deletion_and_restarts_create_no_duplicates(cluster):
     assert cluster.creations("v1/configmaps", "twice-trainer-config") == 2  # 2nd adopted
     assert cluster.job("twice")["metadata"]["uid"] == job["metadata"]["uid"]
 
+    # A job that exists before its resource was ever handled (the operator died between
+    # creating it and recording that) is adopted, not created again.
+    adopted_uid = "0c0ffee0-0000-4000-8000-000000000001"
+    leftover = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {
+        "name": "adopt", "namespace": "default",
+        "labels": {"app.kubernetes.io/managed-by": "evaclip-operator",
+                   "training.evaclip.io/finetune": "adopt"},
+        "ownerReferences": [{"apiVersion": "training.evaclip.io/v1alpha1",
+                             "kind": "EvaClipFinetune", "name": "adopt", "uid": adopted_uid,
+                             "controller": True, "blockOwnerDeletion": True}]},
+        "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1}}}}
+    await cluster.create(leftover)
+    resource = manifest("adopt")
+    resource["metadata"]["uid"] = adopted_uid  # the emulator keeps a uid it is given
+    await cluster.create(resource)
+    await cluster.wait(lambda: (cluster.ecf("adopt").get("status") or {}).get("jobName"),
+                       what="the adopted job in the status")
+    assert cluster.creations(PYTORCHJOBS, "adopt") == 2  # the leftover, and one refused
+    assert cluster.job("adopt")["spec"] == leftover["spec"]
+
     # Deleting the resource: both children name it as their controlling owner, which is
     # what lets the garbage collector delete them (the emulator has none, so we do).
     uid = created["metadata"]["uid"]
