@@ -16,8 +16,8 @@ CHART = ROOT / "charts" / "evaclip-operator"
 CRD_FILE = ROOT / "crds" / "training.evaclip.io_evaclipfinetunes.yaml"
 CHART_CRD_FILE = CHART / "files" / CRD_FILE.name
 
-# The oldest Kubernetes the chart supports that the schemas cover, and the newest shipped.
-KUBE_VERSIONS = ("1.27.0", latest_version())
+# The oldest Kubernetes the chart supports, a common LTS one and the newest the schemas cover.
+KUBE_VERSIONS = ("1.27.0", "1.30.0", latest_version())
 # Kinds of third-party CRDs with no schema in kubernetes-validate; checked by hand below.
 THIRD_PARTY = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
