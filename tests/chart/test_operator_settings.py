@@ -7,6 +7,9 @@ variable on either side fails here instead of being ignored in a cluster.
 
 from __future__ import annotations
 
+import helm_python
+import pytest
+
 from evaclip.cli import build_parser
 from evaclip.operator.settings import ENV_VARS, from_env
 from evaclip.spec import DEFAULT_TRAINER_IMAGE
@@ -101,3 +104,22 @@ def test_defaults_are_the_products_defaults(render) -> None:
                         and o["metadata"]["labels"].get("app.kubernetes.io/component")
                         == "trainer"]
     assert trainer_accounts == [config.trainer_service_account] == ["evaclip-operator-trainer"]
+
+
+def test_extra_env_reaches_the_operator(render) -> None:
+    extra = [{"name": "EVACLIP_MAX_WORKERS", "value": "4"},
+             {"name": "EVACLIP_PLAN_CHECK", "value": "off"}]
+    config = from_env(_env(render({"extraEnv": extra})))
+    assert config.max_workers == 4 and config.plan_check == "off"
+
+
+def test_extra_env_may_not_repeat_a_variable_the_chart_sets(chart, render) -> None:
+    """Every variable the Deployment sets from the values is refused in extraEnv."""
+    set_by_chart = set(_env(render())) | set(_env(render({"watchNamespaces": ["a"]})))
+    for name in sorted(set_by_chart):
+        values = {"extraEnv": [{"name": "OTHER", "value": "1"}, {"name": name, "value": "x"}]}
+        with pytest.raises(helm_python.HelmRenderError) as err:
+            chart.render(values=values, name="evaclip-operator", namespace="x")
+        assert "extraEnv[1].name must not be a variable the chart sets" in str(err.value)
+        assert str(err.value).endswith(f"got {name}"), str(err.value)
+    render({"extraEnv": [{"name": "EVACLIP_RESTART_POLICY", "value": "OnFailure"}]})

@@ -115,6 +115,12 @@ and fails with a "must be ..., got ..." message naming the key.
 {{- if and (not .Values.trainer.serviceAccount.create) (not .Values.trainer.serviceAccount.name) }}
 {{- fail "trainer.serviceAccount.name must name a service account that exists in every trainer namespace (for example default) when trainer.serviceAccount.create is false, got \"\"" }}
 {{- end }}
+{{- $managed := include "evaclip-operator.managedEnv" . | fromJsonArray }}
+{{- range $i, $var := .Values.extraEnv }}
+{{- if has $var.name $managed }}
+{{- fail (printf "extraEnv[%d].name must not be a variable the chart sets from its values (%s), got %s" $i (join ", " $managed) $var.name) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.watchNamespaces .Values.trainer.namespaces }}
 {{- fail (printf "trainer.namespaces must be empty when watchNamespaces is set (trainer pods run in the watched namespaces), got %v" .Values.trainer.namespaces) }}
 {{- end }}
@@ -153,4 +159,12 @@ of its EvaClipFinetune to report progress and metrics (trainer/k8s_status.py), n
 - apiGroups: ["training.evaclip.io"]
   resources: ["evaclipfinetunes/status"]
   verbs: ["patch"]
+{{- end }}
+
+{{/*
+evaclip-operator.managedEnv: a JSON list of the environment variables the Deployment sets
+from the values; extraEnv may not set them again.
+*/}}
+{{- define "evaclip-operator.managedEnv" -}}
+{{- list "EVACLIP_WATCH_NAMESPACES" "EVACLIP_ALL_NAMESPACES" "EVACLIP_LIVENESS_ENDPOINT" "EVACLIP_METRICS_PORT" "EVACLIP_TRAINER_IMAGE" "EVACLIP_ALLOWED_TRAINER_IMAGES" "EVACLIP_TRAINER_SERVICE_ACCOUNT" "EVACLIP_GPU_RESOURCE_NAME" "EVACLIP_DEFAULT_NODE_SELECTOR" "EVACLIP_DEFAULT_TOLERATIONS" "EVACLIP_ALLOW_REMOTE_CODE" "EVACLIP_S3_ENDPOINT" "EVACLIP_S3_REGION" "EVACLIP_S3_CREDENTIALS_SECRET" "TMPDIR" | toJson }}
 {{- end }}
