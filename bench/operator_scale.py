@@ -114,6 +114,8 @@ async def run(count: int, plan_check: str, workdir: Path, timeout: float) -> int
         await asyncio.sleep(1.0)  # let status writes land; they count towards the peak
         stop.set()
         await sampler
+        op_cpu = sum(psutil.Process(op.proc.pid).cpu_times()[:2])
+        own_cpu = sum(psutil.Process().cpu_times()[:2])
         await op.stop()
 
     submitted = create_times(emulator, "training.evaclip.io/v1alpha1/evaclipfinetunes")
@@ -130,6 +132,8 @@ async def run(count: int, plan_check: str, workdir: Path, timeout: float) -> int
           f"(target p95 <= {P95_TARGET_S:g} s).")
     print(f"Last job created {span:.2f} s after the first resource "
           f"({len(latencies) / span:.0f} jobs/s).")
+    print(f"CPU time: operator {op_cpu:.1f} s, emulator and client {own_cpu:.1f} s "
+          f"({len(emulator.requests)} API requests served).")
     print(f"Operator peak RSS {peak[0]:.0f} MB (idle {idle_rss:.0f} MB; "
           f"target <= {RSS_TARGET_MB:g} MB).")
     ok = len(latencies) == count and p95 <= P95_TARGET_S and peak[0] <= RSS_TARGET_MB

@@ -15,6 +15,11 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from evaclip.operator.settings import OperatorConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -62,20 +67,7 @@ def _liveness(args: argparse.Namespace) -> str | None:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    from evaclip.operator.settings import from_env
-
-    liveness = _liveness(args)
-    overrides = {
-        "namespaces": tuple(args.namespace) if args.namespace else None,
-        "all_namespaces": args.all_namespaces,
-        "metrics_port": args.metrics_port,
-        "liveness_endpoint": liveness,
-    }
-    config = from_env(os.environ, **overrides)
-    if liveness == "":
-        config = dataclasses.replace(config, liveness_endpoint=None)
-    if args.metrics_port == 0:
-        config = dataclasses.replace(config, metrics_port=None)
+    config = config_from_args(args, os.environ)
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -84,7 +76,29 @@ def _operator(args: argparse.Namespace) -> int:
     return run_operator(config)
 
 
-def run_operator(config) -> int:  # type: ignore[no-untyped-def]
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> OperatorConfig:
+    """The operator's configuration: EVACLIP_* variables, overridden by the flags."""
+    from evaclip.operator.settings import from_env
+
+    liveness = _liveness(args)
+    overrides = {
+        # A flag wins over the environment, for either scope.
+        "namespaces": tuple(args.namespace) if args.namespace else (
+            () if args.all_namespaces else None
+        ),
+        "all_namespaces": False if args.namespace else args.all_namespaces,
+        "metrics_port": args.metrics_port,
+        "liveness_endpoint": liveness,
+    }
+    config = from_env(environ, **overrides)
+    if liveness == "":
+        config = dataclasses.replace(config, liveness_endpoint=None)
+    if args.metrics_port == 0:
+        config = dataclasses.replace(config, metrics_port=None)
+    return config
+
+
+def run_operator(config: OperatorConfig) -> int:
     """Start kopf with our registry and settings; returns when the operator stops."""
     import asyncio
 

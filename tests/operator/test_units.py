@@ -130,3 +130,22 @@ def test_reference_crd_is_the_v1_9_pytorchjob():
     crd = yaml.safe_load(REFERENCE_CRD.read_text())
     assert crd["spec"]["names"]["kind"] == "PyTorchJob"
     assert [v["name"] for v in crd["spec"]["versions"]] == ["v1"]
+
+
+def test_operator_flags_override_the_environment():
+    from evaclip.cli import build_parser
+    from evaclip.operator.commands import config_from_args
+
+    parse = build_parser().parse_args
+    env = {"EVACLIP_WATCH_NAMESPACES": "ignored", "EVACLIP_METRICS_PORT": "9100"}
+    config = config_from_args(parse(["operator", "-n", "team-a", "--namespace", "team-b",
+                                     "--liveness", "8081"]), env)
+    assert config.namespaces == ("team-a", "team-b") and not config.all_namespaces
+    assert config.liveness_endpoint == "http://0.0.0.0:8081/healthz"
+    assert config.metrics_port == 9100
+    config = config_from_args(parse(["operator", "--all-namespaces", "--metrics-port", "0",
+                                     "--liveness", "off"]), env)
+    assert config.all_namespaces and config.metrics_port is None
+    assert config.liveness_endpoint is None
+    with pytest.raises(SystemExit):
+        parse(["operator", "-n", "a", "--all-namespaces"])
