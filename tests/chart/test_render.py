@@ -75,6 +75,18 @@ def test_documented_variants_lint_clean(variant) -> None:
     assert not [m for m in report["messages"] if m["severity"] >= 2], report
 
 
+def test_packaged_chart_renders_the_same(tmp_path, render) -> None:
+    """What `helm package` ships (files/ included) renders what the source tree does."""
+    archive = helm_python.package(CHART, destination=tmp_path)
+    with helm_python.Chart.load(archive) as packaged:
+        out = packaged.render(values={}, name="evaclip-operator", namespace="evaclip-system")
+        crds = packaged.crds
+    objects = [d for path, text in sorted(out.items()) if path.endswith(".yaml")
+               for d in yaml.safe_load_all(text) if d]
+    assert objects == render()
+    assert crds == []  # the CRD is a template, never in crds/ (see docs/install.md)
+
+
 def test_chart_crd_is_the_generated_crd(render) -> None:
     assert CHART_CRD_FILE.read_bytes() == CRD_FILE.read_bytes(), (
         f"{CHART_CRD_FILE} differs from {CRD_FILE}: run `make crd` and commit both")

@@ -22,7 +22,7 @@ DOCS = ROOT / "docs"
 REFERENCE = DOCS / "spec-reference.md"
 QUICKSTART = DOCS / "quickstart.md"
 CHART = ROOT / "charts" / "evaclip-operator"
-PAGES = sorted([*DOCS.glob("*.md"), ROOT / "README.md"])
+PAGES = sorted([*DOCS.glob("*.md"), ROOT / "README.md", CHART / "README.md"])
 
 
 def test_spec_reference_is_current() -> None:
