@@ -191,3 +191,31 @@ def test_the_pod_entrypoint_runs_torchrun_from_the_pytorchjob_variables() -> Non
         assert flag in argv
     assert argv[-2:] == ["--module", "evaclip.trainer.main"]
     assert "--nproc-per-node=8" in pod_command({**env, "PET_NPROC_PER_NODE": "auto"}, 8)
+
+
+@pytest.mark.slow
+def test_too_many_unreadable_images_stop_the_run_with_one_line(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "data" / label / f"{i}.png")
+    (tmp_path / "data" / "a" / "empty.png").write_bytes(b"")
+    (tmp_path / "data" / "b" / "text.jpg").write_text("not a picture")
+    doc = _example()
+    doc["spec"]["data"] = {"train": str(tmp_path / "data"), "validation": str(tmp_path / "data"),
+                           "maxBadFraction": 0.1, "numWorkers": 0}
+    doc["spec"]["output"] = str(tmp_path / "out")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = evaclip("run", str(path), "--local", "--nproc", "1", "--workdir", "work",
+                     cwd=tmp_path, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "error: data.maxBadFraction: 2 of 10 train images (20.0%) cannot be read (empty 1, "
+        "not_an_image 1), more than the allowed 10.0%; fix or remove those images, or raise "
+        "data.maxBadFraction"
+    ]
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
