@@ -414,6 +414,7 @@ class FinetuneRecipe:
             images = batch["images"].to(self.ctx.device, self.dtype)
             labels = batch["labels"].to(self.ctx.device)
             loss = self.loss_fn(self.engine(images).float(), labels)
+            self._stop_unless_finite(loss, epoch, i)
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
             self.engine.step()
@@ -428,6 +429,26 @@ class FinetuneRecipe:
                 self.save_checkpoint(epoch, i + 1)
         totals = self._all_reduce(loss_sum)
         return float(totals[0] / max(totals[1], 1)), int(totals[1])
+
+    def _stop_unless_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
+        """Stop every rank before a NaN or infinite loss reaches the weights.
+
+        One all-reduce of a flag per micro-batch, so all ranks stop at the same step. The
+        error is raised before backward and step: no checkpoint is ever saved after a
+        non-finite loss, so the newest complete checkpoint is the last good one.
+        """
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+        if not self._all_reduce(bad, max_=True).item():
+            return
+        last = self.checkpoints.latest()  # every rank: the first to fail tells the story
+        kept = (f"the newest checkpoint, step {last}, is kept under "
+                f"{self.checkpoints.root_uri}" if last is not None else "no checkpoint was saved")
+        raise UserError(
+            f"spec.training.learningRate: the training loss became non-finite (NaN or inf) "
+            f"at step {self.step + 1} (epoch {epoch + 1}, batch {batch + 1}); the run stopped "
+            f"and {kept}; lower training.learningRate / backboneLearningRate, set "
+            "training.gradientClipping, or check spec.model.weights for NaN/inf values"
+        )
 
     def _all_reduce(self, tensor: torch.Tensor, max_: bool = False) -> torch.Tensor:
         import torch.distributed as dist
