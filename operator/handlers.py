@@ -382,6 +382,9 @@ def build_registry(
 
     @kopf.on.startup(registry=registry)
     def warm_up(logger: Any, **_: Any) -> None:
+        # Load the API classes now (about 2 s), not while the first resource waits.
+        from kubernetes.client import CoreV1Api, CustomObjectsApi  # noqa: F401
+
         if config.checks_plan:
             # The planner imports torch once (seconds); do it before the first resource.
             logger.info("Loading the memory planner for fit checks.")
