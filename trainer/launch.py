@@ -233,8 +233,8 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
     from evaclip.manifest import load_manifest
 
     resource = load_manifest(manifest)
-    check_plan(resource)
     staged = [Stage.parse(s) for s in stages]
+    check_plan(resource)
     nproc = nproc or resource.spec.resources.gpus_per_node or 1
     if nproc < 1:
         raise UserError(f"--nproc: got {nproc}; use 1 or more processes")
