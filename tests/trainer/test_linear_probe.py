@@ -71,7 +71,8 @@ def test_features_are_computed_once_however_many_epochs(tmp_path, make_ctx, towe
     monkeypatch.setattr(linear_probe, "load_tower", lambda ctx: tower)
     out = tmp_path / "out"
     ctx = make_ctx(data={"train": str(tmp_path / "train"), "validation": str(tmp_path / "val")},
-                   training={"epochs": 40, "batchSize": 4, "learningRate": 0.05}, output=str(out))
+                   training={"epochs": 40, "batchSize": 4, "learningRate": 0.05,
+                             "saveFeatures": True}, output=str(out))
     metrics = linear_probe.run(ctx)
     assert len(tower.batches) == math.ceil(18 / 4) + math.ceil(6 / 4)
     assert sum(tower.batches) == 24
@@ -87,6 +88,8 @@ def test_features_are_computed_once_however_many_epochs(tmp_path, make_ctx, towe
     assert saved["top1"] == metrics["top1"]
     assert sum(map(sum, saved["confusionMatrix"])) == 6
     assert (out / MANIFEST_NAME).is_file()
+    published = torch.load(out / "features" / "features-train.pt")
+    assert published["features"].shape == (18, 128)
 
 
 def test_head_standardisation_is_folded_into_the_saved_weights(make_ctx) -> None:
