@@ -443,3 +443,8 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     settings.networking.request_timeout = 60.0
     settings.networking.connect_timeout = config.watch_connect_timeout
     settings.execution.max_workers = config.max_workers
+    # Watching named namespaces, kopf would list all namespaces to match them, which a
+    # namespaced Role refuses (kopf then retries for about a minute before it starts).
+    # The names are exact, so serve them as given. That also stops kopf from watching
+    # CRDs: a job CRD installed later is noticed on the operator's next start.
+    settings.scanning.disabled = bool(config.namespaces) and not config.all_namespaces

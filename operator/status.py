@@ -119,17 +119,20 @@ def merge_job_conditions(
 ) -> list[dict[str, Any]]:
     """Our own conditions, followed by fresh copies of the job's conditions."""
     own = [dict(c) for c in conditions if c.get("type") not in JOB_CONDITIONS]
-    copied = [
-        {
-            "type": c.get("type", ""),
+    copied = []
+    for c in job_conditions:
+        if c.get("type") not in JOB_CONDITIONS:
+            continue
+        entry = {
+            "type": c["type"],
             "status": c.get("status", "Unknown"),
             "reason": c.get("reason") or "",
             "message": c.get("message") or "",
-            "lastTransitionTime": c.get("lastTransitionTime") or c.get("lastUpdateTime"),
         }
-        for c in job_conditions
-        if c.get("type") in JOB_CONDITIONS
-    ]
+        when = c.get("lastTransitionTime") or c.get("lastUpdateTime")
+        if when:
+            entry["lastTransitionTime"] = when
+        copied.append(entry)
     return _ordered(own + copied)
 
 

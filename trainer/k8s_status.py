@@ -4,7 +4,7 @@ Rank 0 of a job run by the operator finds `EVACLIP_STATUS_RESOURCE=<namespace>/<
 in its environment; `make_sink(target)` returns a `Reporter` sink that JSON-merge-patches
 `status.progress`, `status.metrics` and (once published) `status.artifacts` of that
 resource, with the pod's service account (in-cluster config). The Helm chart grants that
-account `get` and `patch` on `evaclipfinetunes/status` in the namespace, nothing else.
+account `patch` on `evaclipfinetunes/status` in the namespace, nothing else.
 
 The operator writes the other status keys (phase, conditions, ...); neither side ever
 writes the other's keys, so their merge patches never undo each other.

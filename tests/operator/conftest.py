@@ -53,3 +53,10 @@ def pytorchjob_schema() -> dict[str, Any]:
     crd = yaml.safe_load(REFERENCE_CRD.read_text())
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
+
+
+@pytest.fixture(scope="session")
+def ecf_schema() -> dict[str, Any]:
+    """openAPIV3Schema of our generated EvaClipFinetune CRD."""
+    crd = yaml.safe_load(OUR_CRD.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

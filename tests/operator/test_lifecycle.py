@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from ecf_harness import ECF, PYTORCHJOBS, manifest
+from ecf_harness import ECF, PYTORCHJOBS, manifest, schema_problems
 
 pytestmark = pytest.mark.asyncio
 
@@ -19,7 +19,7 @@ def _metric(port: int, name: str) -> float:
     return total
 
 
-async def test_condition_sequences_map_to_phases(cluster):
+async def test_condition_sequences_map_to_phases(cluster, ecf_schema):
     op = await cluster.start_operator()
     for name in ("ok", "crash", "paused", "queued"):
         runtime = {"queueName": "team-a"} if name == "queued" else {}
@@ -88,6 +88,10 @@ async def test_condition_sequences_map_to_phases(cluster):
     await cluster.job_status("queued", [("Created", "True"), ("Suspended", "True")])
     await cluster.wait_phase("Queued", "queued")
     assert cluster.job("queued")["spec"]["runPolicy"]["suspend"] is True
+
+    # Everything the operator wrote is declared in the CRD (nothing would be pruned).
+    for name in ("ok", "crash", "paused", "queued"):
+        assert schema_problems(cluster.ecf(name), ecf_schema) == []
 
     assert _metric(op.metrics_port, "evaclip_operator_jobs_created_total") == 4
     assert _metric(op.metrics_port, "evaclip_operator_jobs_succeeded_total") == 1

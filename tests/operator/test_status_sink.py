@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 import pytest
-from ecf_harness import manifest
+from ecf_harness import manifest, schema_problems
 
 from evaclip.trainer.k8s_status import make_sink
 from evaclip.trainer.progress import Reporter
@@ -28,7 +28,7 @@ def _client(cluster):
     return kubernetes.config.new_client_from_config(config_file=str(cluster.kubeconfig))
 
 
-async def test_sink_patches_status_at_most_every_10_seconds(cluster):
+async def test_sink_patches_status_at_most_every_10_seconds(cluster, ecf_schema):
     await cluster.create(manifest("train"))
     # The operator's part of the status, which the trainer must leave alone.
     await cluster.request(
@@ -74,6 +74,7 @@ async def test_sink_patches_status_at_most_every_10_seconds(cluster):
     await asyncio.to_thread(sink, {"progress": {"stage": "publish"},
                                    "artifacts": {"manifest": "s3://b/run/manifest.json"}})
     assert status()["artifacts"]["manifest"] == "s3://b/run/manifest.json"
+    assert schema_problems(cluster.ecf("train"), ecf_schema) == []
 
 
 async def test_sink_failures_are_logged_not_raised(cluster, caplog):
