@@ -41,6 +41,8 @@ def setup_logging(rank: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # botocore announces where it found credentials on every client; not news in a job.
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 
 
 def progress_sinks(rank: int) -> list[Any]:

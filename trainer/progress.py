@@ -49,14 +49,13 @@ def describe(report: Report) -> str:
     """One log sentence for a report, e.g. 'Features: 512/1797 images (28%), ...'."""
     p = report["progress"]
     stage = (p.get("stage") or "run").capitalize()
-    parts = [f"{stage}:"]
-    if p.get("epochs"):
-        parts.append(f"epoch {p.get('epoch', 0)}/{p['epochs']},")
     unit = report.get("unit", {}).get("name", "steps")
+    parts = []
+    if p.get("epochs"):
+        parts.append(f"epoch {p.get('epoch', 0)}/{p['epochs']}")
     if unit != "epochs" or not p.get("epochs"):
         parts.append(f"{p.get('step', 0)}/{p.get('totalSteps', 0)} {unit}")
-    parts.append(f"({p.get('percentText') or '0%'} of the run)")
-    text = " ".join(parts)
+    text = f"{stage}: {', '.join(parts)} ({p.get('percentText') or '0%'} of the run)"
     rate = report.get("unit", {}).get("value")
     if rate is not None:
         text += f", {rate:.1f} {unit}/s"
