@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from evaclip.errors import UserError
 from evaclip.trainer.data import (
     BadImageTally,
     ImageDataset,
@@ -334,8 +335,12 @@ def run(ctx: JobContext) -> dict[str, Any] | None:
         if ctx.spec.training.save_features:
             (folder / "features").mkdir(exist_ok=True)
             torch.save(fs.to_file(), folder / "features" / path.name)
-    if len(train.labels) == 0 or len(val.labels) == 0:
-        raise RuntimeError("no usable images left after skipping the unreadable ones")
+    for fs in (train, val):
+        if len(fs.labels) == 0:
+            raise UserError(
+                f"data.{fs.split}: none of the {fs.images} images can be read; check the "
+                "files (data.maxBadFraction lets the job skip a few, not all)"
+            )
     result = train_head(ctx, train, val, len(class_names))
     normalize = ctx.spec.training.normalize_features
     metrics = evaluate(result.weight, result.bias, prepare(val.features, normalize),
