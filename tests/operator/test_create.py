@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ecf_harness import manifest, schema_problems
+from ecf_harness import ECF, PYTORCHJOBS, manifest, schema_problems
 
 pytestmark = pytest.mark.asyncio
 
@@ -105,3 +105,22 @@ async def test_create_renders_config_map_and_pytorchjob(cluster, pytorchjob_sche
     assert status["observedGeneration"] == 1
     types = {c["type"]: c["status"] for c in status["conditions"]}
     assert types["Valid"] == "True" and types["JobCreated"] == "True"
+
+
+async def test_named_namespaces_only(cluster):
+    await cluster.start_operator("--namespace", "team-a")
+    elsewhere = manifest("elsewhere")
+    mine = manifest("mine")
+    mine["metadata"]["namespace"] = "team-a"
+    await cluster.create(elsewhere)
+    await cluster.create(mine)
+    job = await cluster.wait(lambda: cluster.get(PYTORCHJOBS, "mine", "team-a"), what="job")
+    assert job["metadata"]["namespace"] == "team-a"
+    assert cluster.get("v1/configmaps", "mine-trainer-config", "team-a") is not None
+    await cluster.wait(lambda: (cluster.get(ECF, "mine", "team-a").get("status") or {})
+                       .get("phase") == "Pending", what="phase Pending")
+    assert cluster.job("elsewhere") is None and not cluster.ecf("elsewhere").get("status")
+    # Served as named: no cluster-wide scan of namespaces or CRDs.
+    paths = {r.url.path for r in cluster.emulator.requests}
+    assert "/api/v1/namespaces" not in paths
+    assert "/apis/apiextensions.k8s.io/v1/customresourcedefinitions" not in paths
