@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ecf_harness import ECF, PYTORCHJOBS, manifest, schema_problems
+from ecf_harness import ECF, OPERATOR_AGENTS, PYTORCHJOBS, manifest, schema_problems
 
 pytestmark = pytest.mark.asyncio
 
@@ -121,6 +121,7 @@ async def test_named_namespaces_only(cluster):
                        .get("phase") == "Pending", what="phase Pending")
     assert cluster.job("elsewhere") is None and not cluster.ecf("elsewhere").get("status")
     # Served as named: no cluster-wide scan of namespaces or CRDs.
-    paths = {r.url.path for r in cluster.emulator.requests}
+    paths = {r.url.path for r in cluster.emulator.requests
+             if r.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS)}
     assert "/api/v1/namespaces" not in paths
     assert "/apis/apiextensions.k8s.io/v1/customresourcedefinitions" not in paths
