@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from evaclip.errors import SpecError, UserError
 from evaclip.manifest import parse_resource
@@ -179,6 +180,11 @@ class Reconciler:
             except NotOwned as err:
                 self._reject(body, current, err, job_exists=False)
                 raise kopf.PermanentError(str(err)) from None
+            except ApiException as err:
+                if err.status not in (400, 403, 422):
+                    raise
+                self._api_refused(body, current, err)
+                raise
             if created:
                 self.metrics.jobs_created.inc()
                 kopf.info(body, reason="JobCreated", message=(
@@ -267,6 +273,27 @@ class Reconciler:
             )
         self.write_status(namespace, name, current, patch)
 
+    def _api_refused(self, body: dict[str, Any], current: dict[str, Any], err: Any) -> None:
+        """The API server refused a child: a policy (admission) or missing permissions."""
+        meta = body["metadata"]
+        detail = _api_message(err)
+        if err.status == 403:
+            reason = "Forbidden"
+            message = (f"The operator may not create the job's objects ({detail}); check its "
+                       "RBAC. Retrying.")
+            patch: dict[str, Any] = {"phase": "Pending", "message": message}
+        else:
+            reason = "JobRejected"
+            message = f"The API server refused the job's objects: {detail}"
+            patch = {"phase": "Failed", "message": message}
+        previous = st.condition(current.get("conditions") or [], "JobCreated") or {}
+        if previous.get("message") != message:
+            kopf.warn(body, reason=reason, message=message)
+        patch["conditions"] = st.set_condition(
+            current.get("conditions") or [], "JobCreated", "False", reason, message
+        )
+        self.write_status(meta.get("namespace", "default"), meta["name"], current, patch)
+
     def _launcher_unavailable(
         self, body: dict[str, Any], current: dict[str, Any], err: Exception,
         generation: int | None,
@@ -341,10 +368,18 @@ class Reconciler:
             kopf.info(owner, reason=state.reason or state.phase, message=text)
 
 
+def _api_message(err: Any) -> str:
+    """The message of a Kubernetes Status in an ApiException's body, else its reason."""
+    import json
+
+    try:
+        return str(json.loads(err.body).get("message")) or str(err.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(err.reason)
+
+
 def _retrying(fn: Callable[[], None], attempts: int = 3, delay: float = 0.5) -> None:
     """Run a status mirror a few times: event handlers are not retried by kopf."""
-    from kubernetes.client.exceptions import ApiException
-
     for attempt in range(attempts):
         try:
             fn()
@@ -363,8 +398,6 @@ def build_registry(
     config: OperatorConfig, metrics: OperatorMetrics, kube_factory: Callable[[], Kube] = Kube
 ) -> kopf.OperatorRegistry:
     """All handlers, registered on a registry of their own (no import-time globals)."""
-    from kubernetes.client.exceptions import ApiException
-
     registry = kopf.OperatorRegistry()
     launcher_cls = LAUNCHERS[config.launcher]
     state: dict[str, Reconciler] = {}
@@ -397,8 +430,10 @@ def build_registry(
             try:
                 reconciler().reconcile(dict(body), fresh=fresh)
             except ApiException as err:
-                if err.status in (400, 403, 422):
-                    raise kopf.PermanentError(f"API refused the request: {err.reason}") from None
+                if err.status in (400, 422):
+                    raise kopf.PermanentError(
+                        f"API refused the request: {_api_message(err)}"
+                    ) from None
                 raise _temporary(err, config) from None
 
     common = dict(registry=registry, retries=None, backoff=config.api_retry_seconds)

@@ -56,8 +56,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         self._rv = itertools.count(1)
         self._history: list[kmock.Request] = []
         self._times: dict[int, float] = {}
-        # Plural names whose create requests fail with HTTP 500, storing nothing.
-        self.failing_creates: set[str] = set()
+        # Plural name -> HTTP status with which its create requests fail, storing nothing.
+        self.failing_creates: dict[str, int] = {}
 
     @property
     def requests(self) -> list[kmock.Request]:
@@ -86,9 +86,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         data = request.data
         if (request.action == kmock.action.CREATE and request.resource is not None
                 and request.resource.plural in self.failing_creates):
+            code = self.failing_creates[request.resource.plural]
             return await self._render_error(
-                kmock.KubernetesError(status=500, reason="InternalError",
-                                      message="injected failure")
+                kmock.KubernetesError(status=code, reason="Refused", message=(
+                    f"injected failure ({code}): {request.resource.plural} are refused"))
             )
         if request.resource is not None and isinstance(data, dict):
             if request.action == kmock.action.CREATE:

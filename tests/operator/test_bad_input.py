@@ -118,3 +118,17 @@ async def test_plan_that_does_not_fit_fails_early(cluster):
     assert valid["reason"] == "PlanDoesNotFit"
     assert "gpuMemoryGib" in valid["message"]
     assert cluster.job("huge") is None and cluster.config_map("huge") is None
+
+
+async def test_job_refused_by_the_api_server_is_reported(cluster):
+    # As an admission policy (Gatekeeper, Kyverno) refusing the pod template would.
+    cluster.emulator.failing_creates["pytorchjobs"] = 422
+    await cluster.start_operator()
+    await cluster.create(manifest("refused"))
+    await cluster.wait_phase("Failed", "refused")
+    refused = cluster.condition("refused", "JobCreated")
+    assert refused["status"] == "False" and refused["reason"] == "JobRejected"
+    assert "pytorchjobs are refused" in refused["message"]
+    await cluster.wait(lambda: any(e["reason"] == "JobRejected" for e in cluster.events()),
+                       what="a JobRejected event")
+    assert cluster.job("refused") is None

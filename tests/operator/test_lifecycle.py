@@ -143,7 +143,7 @@ async def test_finished_job_removed_by_ttl_stays_succeeded(cluster):
 
 async def test_deletion_and_restarts_create_no_duplicates(cluster):
     # The first operator crashes after it wrote the ConfigMap but before the job existed.
-    cluster.emulator.failing_creates.add("pytorchjobs")
+    cluster.emulator.failing_creates["pytorchjobs"] = 500
     first = await cluster.start_operator()
     created = await cluster.create(manifest("twice"))
     await cluster.wait(lambda: cluster.config_map("twice"), what="ConfigMap")
