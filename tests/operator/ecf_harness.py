@@ -243,6 +243,7 @@ class Operator:
         self.proc = proc
         self.log = log
         self.metrics_port = metrics_port
+        self.liveness_port = 0
         self.stopped = False
 
     def output(self) -> str:
@@ -297,11 +298,13 @@ class Cluster:
             PYTHONUNBUFFERED="1",
         )
         environ.update(env)
+        liveness_port = free_port()
         argv = [str(EVACLIP), "operator", *(args or ("--all-namespaces",)),
-                "--liveness-port", str(free_port()), "--metrics-port", str(metrics_port)]
+                "--liveness-port", str(liveness_port), "--metrics-port", str(metrics_port)]
         with open(log, "wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=environ)
         op = Operator(proc, log, metrics_port)
+        op.liveness_port = liveness_port
         self.operators.append(op)
         if ready:
             await self.wait_ready(op)

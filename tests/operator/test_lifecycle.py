@@ -93,6 +93,8 @@ async def test_condition_sequences_map_to_phases(cluster, ecf_schema):
     for name in ("ok", "crash", "paused", "queued"):
         assert schema_problems(cluster.ecf(name), ecf_schema) == []
 
+    health = urllib.request.urlopen(f"http://127.0.0.1:{op.liveness_port}/healthz", timeout=5)
+    assert health.status == 200
     assert _metric(op.metrics_port, "evaclip_operator_jobs_created_total") == 4
     assert _metric(op.metrics_port, "evaclip_operator_jobs_succeeded_total") == 1
     assert _metric(op.metrics_port, "evaclip_operator_jobs_failed_total") == 1
