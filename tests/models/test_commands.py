@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +27,18 @@ _PEAK_RSS = (
 )
 
 
-def test_model_info_18b_is_exact_quick_and_small() -> None:
-    start = time.monotonic()
+def test_model_info_18b_is_exact_and_allocates_nothing() -> None:
+    # Peak RSS, not wall time, shows that no weights were allocated: 17.63 B parameters
+    # would need 35 GB even in half precision.
     run = subprocess.run(
         [sys.executable, "-c", _PEAK_RSS, EVACLIP, "model", "info", "eva-clip-18b"],
         capture_output=True, text=True, timeout=60,
     )
-    elapsed = time.monotonic() - start
     assert run.returncode == 0, run.stderr
     assert "17,630,494,720 (17.63 B)" in run.stdout
     assert "post-norm" in run.stdout and "RMSNorm" in run.stdout and "no bias" in run.stdout
     peak_kib = int(run.stderr.strip().splitlines()[-1])
     assert peak_kib < 1_500_000, f"peak RSS {peak_kib} KiB: weights were allocated"
-    assert elapsed < 10
 
 
 def test_model_list_shows_every_preset(capsys: pytest.CaptureFixture[str]) -> None:
