@@ -259,7 +259,9 @@ class Reconciler:
         meta = body["metadata"]
         namespace, name = meta.get("namespace", "default"), meta["name"]
         reason, message = _reason(err), str(err)
-        kopf.warn(body, reason=reason, message=message)
+        said = [(c.get("reason"), c.get("message")) for c in current.get("conditions") or []]
+        if (reason, message) not in said:  # once, not again on every operator restart
+            kopf.warn(body, reason=reason, message=message)
         if job_exists:
             # The job keeps running what it was created from; only the condition says no.
             conditions = st.set_condition(

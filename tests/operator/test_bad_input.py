@@ -37,6 +37,21 @@ async def test_invalid_specs_create_nothing_and_warn(cluster):
         assert cluster.job(name) is None and cluster.config_map(name) is None
     assert cluster.creations(PYTORCHJOBS, "bad-image") == 0
 
+    # A restarted operator re-checks them (resume) without repeating the warnings.
+    def warnings_for(name):
+        return sum(1 for e in cluster.events() if e["involvedObject"]["name"] == name)
+
+    before = {name: warnings_for(name) for name in BAD}
+    await cluster.operators[0].stop()
+    seen = len(cluster.emulator.requests)
+    await cluster.start_operator()
+    await cluster.wait(lambda: {r.url.path.rsplit("/", 1)[-1] for r in
+                                cluster.emulator.requests[seen:] if r.method == "GET"}
+                       >= set(BAD), what="the resumed resources to be read")
+    await cluster.create(manifest("probe"))
+    await cluster.wait(lambda: cluster.job("probe"), what="a later job")
+    assert {name: warnings_for(name) for name in BAD} == before
+
     # Fixing the manifest runs it.
     await cluster.patch_ecf("bad-image", {"spec": {"runtime": {"image": None}}})
     await cluster.wait(lambda: cluster.job("bad-image"), what="the job once fixed")
