@@ -88,6 +88,7 @@ class Launcher(abc.ABC):
                 "spec.model.trustRemoteCode: got true; this platform does not allow remote "
                 "model code (ask the platform team, or set it to false)"
             )
+        config.check_buckets(resource.namespace, resource.spec)
         effective = render.with_platform_defaults(resource, config)
         digest = render.spec_hash(resource)
         cm = render.config_map(effective, owner)
@@ -120,20 +121,31 @@ class Launcher(abc.ABC):
         )
 
     def create(self, objects: list[dict[str, Any]], *, uid: str) -> tuple[dict[str, Any], bool]:
-        """Create the objects in order, adopting ones we created before; (job, created)."""
+        """Create the objects in order, adopting ones we created before; (job, created).
+
+        A ConfigMap left by an earlier run is brought up to date only when the job is new
+        here: an adopted job keeps reading the config it was created with.
+        """
         from kubernetes.client.exceptions import ApiException
 
         self.check_available()
         *others, job = objects
-        for obj in others:
-            self._ensure_config_map(obj, uid)
+        stale = [obj for obj in others if not self._create_config_map(obj, uid)]
         try:
-            return self.kube.create_custom(self.group, self.version, self.plural, job), True
+            created = self.kube.create_custom(self.group, self.version, self.plural, job)
         except ApiException as err:
             if err.status == 404:
                 self.forget_availability()
             if err.status != 409:
                 raise
+        else:
+            for obj in stale:
+                meta = obj["metadata"]
+                self.kube.patch_config_map(
+                    meta["namespace"], meta["name"],
+                    {"data": obj["data"], "metadata": {"annotations": meta["annotations"]}},
+                )
+            return created, True
         meta = job["metadata"]
         existing = self.kube.get_custom(
             self.group, self.version, self.plural, meta["namespace"], meta["name"]
@@ -143,12 +155,13 @@ class Launcher(abc.ABC):
         self._check_owned(existing, uid)
         return existing, False
 
-    def _ensure_config_map(self, obj: dict[str, Any], uid: str) -> None:
+    def _create_config_map(self, obj: dict[str, Any], uid: str) -> bool:
+        """Create the ConfigMap; False when ours exists already with other data."""
         from kubernetes.client.exceptions import ApiException
 
         try:
             self.kube.create_config_map(obj)
-            return
+            return True
         except ApiException as err:
             if err.status != 409:
                 raise
@@ -156,14 +169,9 @@ class Launcher(abc.ABC):
         existing = self.kube.get_config_map(meta["namespace"], meta["name"])
         if existing is None:
             self.kube.create_config_map(obj)
-            return
+            return True
         self._check_owned(existing, uid)
-        # No job exists yet (create() runs only then), so the config may follow the spec.
-        if existing.get("data") != obj["data"]:
-            self.kube.patch_config_map(
-                meta["namespace"], meta["name"],
-                {"data": obj["data"], "metadata": {"annotations": meta["annotations"]}},
-            )
+        return existing.get("data") == obj["data"]
 
     def _check_owned(self, obj: dict[str, Any], uid: str) -> None:
         if not owned_by(obj, uid):

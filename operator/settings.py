@@ -33,6 +33,17 @@ class RemoteCodeNotAllowed(UserError):
     reason = "RemoteCodeNotAllowed"
 
 
+class BucketNotAllowed(UserError):
+    """The manifest reads or writes a bucket its namespace may not use."""
+
+    reason = "BucketNotAllowed"
+
+
+# The fields of a manifest that name object storage, checked against `allowed_buckets`.
+URI_FIELDS = (("data.train", "spec.data.train"), ("data.validation", "spec.data.validation"),
+              ("model.weights", "spec.model.weights"), ("output", "spec.output"))
+
+
 @dataclasses.dataclass(frozen=True)
 class OperatorConfig:
     """The operator's configuration; see docs/operator.md for each variable."""
@@ -50,6 +61,10 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = ()
     all_namespaces: bool = False
     allow_remote_code: bool = False
+    # Namespace -> bucket patterns (fnmatch) its manifests may use in s3:// URIs; "*" is the
+    # entry for namespaces not listed. Empty: any bucket. A namespace with no entry (and no
+    # "*") may use no bucket at all.
+    allowed_buckets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     launcher: str = "pytorchjob"
     # Memory-fit check before a job is created: the planner builds the tower on torch's meta
     # device, so it needs torch (about 800 MB in memory). auto: when torch is installed.
@@ -75,6 +90,28 @@ class OperatorConfig:
                 f"{', '.join(patterns)} (leave it empty for the default)"
             )
         return image
+
+    def check_buckets(self, namespace: str, spec: Any) -> None:
+        """Raise BucketNotAllowed when an s3:// URI of `spec` is outside the namespace's list.
+
+        Local paths are not object storage and are not checked.
+        """
+        if not self.allowed_buckets:
+            return
+        patterns = self.allowed_buckets.get(namespace, self.allowed_buckets.get("*", ()))
+        for attribute, field in URI_FIELDS:
+            value: Any = spec
+            for part in attribute.split("."):
+                value = getattr(value, part)
+            if not value or not str(value).startswith("s3://"):
+                continue
+            bucket = str(value)[len("s3://"):].split("/", 1)[0]
+            if not any(fnmatch.fnmatchcase(bucket, p) for p in patterns):
+                allowed = ", ".join(patterns) if patterns else "none"
+                raise BucketNotAllowed(
+                    f"{field}: bucket {bucket!r} is not allowed in namespace {namespace!r}; "
+                    f"this platform allows: {allowed} (ask the platform team)"
+                )
 
     @property
     def checks_plan(self) -> bool:
@@ -111,6 +148,17 @@ def _json(name: str, value: str, kind: type) -> Any:
     return parsed
 
 
+def _buckets(name: str, value: str) -> dict[str, tuple[str, ...]]:
+    parsed = _json(name, value, dict)
+    for namespace, buckets in parsed.items():
+        if not isinstance(buckets, list) or not all(isinstance(b, str) for b in buckets):
+            raise UserError(
+                f"{name}: the entry of {namespace!r} must be a list of bucket names; "
+                f'got {buckets!r} (e.g. {{"team-a": ["team-a-data"]}})'
+            )
+    return {namespace: tuple(buckets) for namespace, buckets in parsed.items()}
+
+
 def _number(name: str, value: str, kind: type = float) -> Any:
     try:
         return kind(value)
@@ -138,6 +186,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "WATCH_NAMESPACES": ("namespaces", lambda n, v: _split(v)),
     "ALL_NAMESPACES": ("all_namespaces", _flag),
     "ALLOW_REMOTE_CODE": ("allow_remote_code", _flag),
+    "ALLOWED_BUCKETS": ("allowed_buckets", _buckets),
     "LAUNCHER": ("launcher", lambda n, v: v.strip()),
     "PLAN_CHECK": ("plan_check", lambda n, v: v.strip().lower()),
     "RESTART_POLICY": ("restart_policy", lambda n, v: v.strip()),

@@ -177,6 +177,10 @@ async def test_deletion_and_restarts_create_no_duplicates(cluster):
                              "controller": True, "blockOwnerDeletion": True}]},
         "spec": {"pytorchReplicaSpecs": {"Master": {"replicas": 1}}}}
     await cluster.create(leftover)
+    await cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "adopt-trainer-config", "namespace": "default",
+        "ownerReferences": leftover["metadata"]["ownerReferences"]},
+        "data": {"config.json": '{"the": "config the leftover job was made with"}'}})
     resource = manifest("adopt")
     resource["metadata"]["uid"] = adopted_uid  # the emulator keeps a uid it is given
     await cluster.create(resource)
@@ -184,6 +188,8 @@ async def test_deletion_and_restarts_create_no_duplicates(cluster):
                        what="the adopted job in the status")
     assert cluster.creations(PYTORCHJOBS, "adopt") == 2  # the leftover, and one refused
     assert cluster.job("adopt")["spec"] == leftover["spec"]
+    # The adopted job keeps the config it was made with.
+    assert "leftover" in cluster.config_map("adopt")["data"]["config.json"]
 
     # Deleting the resource: both children name it as their controlling owner, which is
     # what lets the garbage collector delete them (the emulator has none, so we do).
