@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import kubernetes_validate
 import pytest
 from ecf_harness import ECF, OPERATOR_AGENTS, PYTORCHJOBS, manifest, schema_problems
 
@@ -51,6 +52,15 @@ async def test_create_renders_config_map_and_pytorchjob(cluster, pytorchjob_sche
     assert config["spec"]["resources"]["gpusPerNode"] == 8
 
     assert not schema_problems(job, pytorchjob_schema)
+    # The ConfigMap, and each replica's pod as the training operator will create it, are
+    # valid core objects (Kubernetes 1.30 schemas, unknown fields refused).
+    kubernetes_validate.validate(cm, "1.30", strict=True)
+    for role, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        template = replica["template"]
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {**template["metadata"], "name": f"big-{role.lower()}-0"},
+               "spec": template["spec"]}
+        kubernetes_validate.validate(pod, "1.30", strict=True)
     spec = job["spec"]
     assert spec["nprocPerNode"] == "8"
     assert spec["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 5,
