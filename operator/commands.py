@@ -101,34 +101,49 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Op
 def run_operator(config: OperatorConfig) -> int:
     """Start kopf with our registry and settings; returns when the operator stops."""
     import asyncio
+    import threading
 
     import kopf
 
     from evaclip.operator.handlers import build_registry, configure_kopf
     from evaclip.operator.metrics import OperatorMetrics
 
+    log = logging.getLogger("evaclip.operator")
     metrics = OperatorMetrics()
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     settings = kopf.OperatorSettings()
     configure_kopf(settings, config)
-    registry = build_registry(config, metrics)
+    stop = threading.Event()
+    reasons: list[str] = []
+
+    def restart(why: str) -> None:
+        if not stop.is_set():
+            reasons.append(why)
+            log.warning("Stopping to start again: %s, and kopf watches only the APIs it "
+                        "found when it started.", why)
+            stop.set()
+
+    registry = build_registry(config, metrics, restart=restart)
     scope = (
         {"namespaces": list(config.namespaces)}
         if config.namespaces and not config.all_namespaces
         else {"clusterwide": True}
     )
     where = ", ".join(config.namespaces) if "namespaces" in scope else "all namespaces"
-    logging.getLogger("evaclip.operator").info(
-        "Starting the operator for %s with the %s launcher.", where, config.launcher
-    )
+    log.info("Starting the operator for %s with the %s launcher.", where, config.launcher)
     asyncio.run(
         kopf.operator(
             registry=registry,
             settings=settings,
             standalone=True,
             liveness_endpoint=config.liveness_endpoint,
+            stop_flag=stop,
             **scope,
         )
     )
-    return 0
+    # Exit non-zero so the pod's container restarts at once (Deployment: Always).
+    return EXIT_RESTART if reasons else 0
+
+
+EXIT_RESTART = 75  # EX_TEMPFAIL: start again

@@ -78,12 +78,18 @@ class Reconciler:
     """Turns observed state into children and status; shared by all handlers."""
 
     def __init__(
-        self, kube: Kube, launcher: Launcher, config: OperatorConfig, metrics: OperatorMetrics
+        self,
+        kube: Kube,
+        launcher: Launcher,
+        config: OperatorConfig,
+        metrics: OperatorMetrics,
+        restart: Callable[[str], None] | None = None,
     ) -> None:
         self.kube = kube
         self.launcher = launcher
         self.config = config
         self.metrics = metrics
+        self.restart = restart
         self._locks: dict[tuple[str, str], threading.Lock] = collections.defaultdict(
             threading.Lock
         )
@@ -166,6 +172,9 @@ class Reconciler:
         except LauncherUnavailable as err:
             self._launcher_unavailable(body, current, err, generation)
             raise kopf.TemporaryError(str(err), delay=self.config.launcher_retry_seconds) from None
+        if self.launcher.appeared_after_start and not_scanning(self.config) and self.restart:
+            # kopf watches only the APIs it found at start-up when it does not scan CRDs.
+            self.restart(f"the {self.launcher.api_name} API appeared after start-up")
 
         conditions = current.get("conditions") or []
         conditions = st.set_condition(
@@ -370,6 +379,11 @@ class Reconciler:
             kopf.info(owner, reason=state.reason or state.phase, message=text)
 
 
+def not_scanning(config: OperatorConfig) -> bool:
+    """Whether kopf serves only what it found at start-up (named namespaces)."""
+    return bool(config.namespaces) and not config.all_namespaces
+
+
 def _api_message(err: Any) -> str:
     """The message of a Kubernetes Status in an ApiException's body, else its reason."""
     import json
@@ -397,9 +411,16 @@ def _temporary(err: Exception, config: OperatorConfig) -> kopf.TemporaryError:
 
 
 def build_registry(
-    config: OperatorConfig, metrics: OperatorMetrics, kube_factory: Callable[[], Kube] = Kube
+    config: OperatorConfig,
+    metrics: OperatorMetrics,
+    kube_factory: Callable[[], Kube] = Kube,
+    restart: Callable[[str], None] | None = None,
 ) -> kopf.OperatorRegistry:
-    """All handlers, registered on a registry of their own (no import-time globals)."""
+    """All handlers, registered on a registry of their own (no import-time globals).
+
+    `restart(why)` is called when the operator must start again to serve a job API that
+    appeared after it started (only when it does not scan CRDs; see configure_kopf).
+    """
     registry = kopf.OperatorRegistry()
     launcher_cls = LAUNCHERS[config.launcher]
     state: dict[str, Reconciler] = {}
@@ -408,7 +429,9 @@ def build_registry(
     def reconciler() -> Reconciler:
         if "r" not in state:
             kube = kube_factory()
-            state["r"] = Reconciler(kube, launcher_cls(kube, config), config, metrics)
+            state["r"] = Reconciler(
+                kube, launcher_cls(kube, config), config, metrics, restart=restart
+            )
         return state["r"]
 
     @kopf.on.login(registry=registry)
@@ -483,5 +506,5 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     # Watching named namespaces, kopf would list all namespaces to match them, which a
     # namespaced Role refuses (kopf then retries for about a minute before it starts).
     # The names are exact, so serve them as given. That also stops kopf from watching
-    # CRDs: a job CRD installed later is noticed on the operator's next start.
-    settings.scanning.disabled = bool(config.namespaces) and not config.all_namespaces
+    # CRDs: when the job API appears later, the operator restarts itself to serve it.
+    settings.scanning.disabled = not_scanning(config)

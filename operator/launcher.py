@@ -51,6 +51,9 @@ class Launcher(abc.ABC):
         self.config = config
         self._available_until = 0.0
         self._lock = threading.Lock()
+        self._seen_missing = False
+        # Set once the job API is served after this process found it missing.
+        self.appeared_after_start = False
 
     @property
     def api_name(self) -> str:
@@ -105,11 +108,13 @@ class Launcher(abc.ABC):
             if time.monotonic() < self._available_until:
                 return
             if not self.kube.serves(self.group, self.version, self.plural):
+                self._seen_missing = True
                 raise LauncherUnavailable(
                     f"the cluster serves no {self.api_name} API ({self.plural}.{self.group} "
                     f"{self.version}); install its CRD and controller"
                 )
             self._available_until = time.monotonic() + self.availability_ttl
+            self.appeared_after_start = self._seen_missing
 
     def forget_availability(self) -> None:
         self._available_until = 0.0

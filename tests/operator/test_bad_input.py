@@ -147,3 +147,23 @@ async def test_job_refused_by_the_api_server_is_reported(cluster):
     await cluster.wait(lambda: any(e["reason"] == "JobRejected" for e in cluster.events()),
                        what="a JobRejected event")
     assert cluster.job("refused") is None
+
+
+async def test_named_namespace_operator_restarts_for_a_new_job_api(bare_cluster):
+    """Without CRD scans, kopf serves only the APIs found at start: the operator restarts."""
+    cluster = bare_cluster
+    op = await cluster.start_operator("--namespace", "default")
+    await cluster.create(manifest("late"))
+    await cluster.wait(lambda: (cluster.condition("late", "JobCreated") or {}).get("reason")
+                       == "LauncherUnavailable", what="LauncherUnavailable")
+    declare_pytorchjobs(cluster.emulator)
+    await cluster.create(yaml.safe_load(REFERENCE_CRD.read_text()))
+    op.stopped = True  # it is expected to exit now
+    await cluster.wait(lambda: op.proc.poll() is not None, timeout=20, what="the restart")
+    assert op.proc.returncode == 75, op.output()[-2000:]
+    assert "appeared after start-up" in op.output()
+
+    await cluster.start_operator("--namespace", "default")  # as the Deployment would
+    await cluster.wait(lambda: cluster.job("late"), what="the job")
+    await cluster.job_status("late", [("Created", "True"), ("Running", "True")])
+    await cluster.wait_phase("Running", "late")  # job events reach the status again
