@@ -43,6 +43,7 @@ CHECKS: dict[str, str] = {
     "fuzz": "hypothesis-generated manifests and argument lists",
     "secrets-full-job": "known secret values in a full job: logs, status, config, artifacts",
     "secrets-operator": "known secret names/values: ConfigMap, job, events, status",
+    "web-identity": "AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE and no keys, in every rank",
     "trust-policy": "remote code, trainer images, buckets outside the platform's allow-lists",
     "pod-security": "the rendered PyTorchJob's pod and container security contexts",
 }
