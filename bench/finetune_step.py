@@ -101,7 +101,9 @@ def bench_method(args: argparse.Namespace, method: str, world: int) -> dict[str,
     # Other work on a shared machine only ever slows a window down: keep the fastest.
     result = min(windows, key=lambda w: sum(w.values()))
     result["total"] = sum(result.values())
-    result["trained"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Under ZeRO-3 a parameter holds only its partition; ds_numel is its full size.
+    result["trained"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+                            if p.requires_grad)
     return result
 
 
