@@ -8,9 +8,10 @@ Progress goes to the log and, when `EVACLIP_STATUS_RESOURCE=<namespace>/<name>` 
 (the operator sets it in pods), to the resource's status through
 `evaclip.trainer.k8s_status.make_sink(resource)` if that module is installed.
 
-A mistake in the input (a `UserError`) ends the process with exit code 1 and one line on
-stderr, also written to `EVACLIP_ERROR_FILE` when set so `evaclip run --local` can show it
-instead of torchrun's report.
+A mistake in the input (a `UserError`) or object storage that keeps failing after every
+retry (a `StorageError`) ends the process with exit code 1 and one line on stderr, also
+written to `EVACLIP_ERROR_FILE` when set so `evaclip run --local` can show it instead of
+torchrun's report.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def _report_error(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run this process's part of the job; 0 on success, 1 on a user mistake."""
+    from evaclip.storage import StorageError
     from evaclip.trainer.context import JobContext
 
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -93,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_method(ctx)
         ctx.reporter.close("done")
         return 0
-    except UserError as err:
+    except (UserError, StorageError) as err:
+        # StorageError: object storage still failing after every retry, a one-line story too.
         _report_error(str(err))
         return 1
     finally:
