@@ -272,3 +272,36 @@ def test_permanent_storm_fails_clearly_and_leaves_nothing_that_looks_complete(
                  lost=0, leaks=int(looks_complete))
     assert "\n" not in message and target in message, message
     assert not looks_complete, left  # the old manifest went first; no new one was written
+
+
+def test_a_job_whose_publish_keeps_failing_ends_in_one_line_and_no_manifest(
+        job: dict[str, Any]) -> None:
+    """The same job, 1 process, the data already staged; every upload of its head fails."""
+    assert job["run"].returncode == 0, job["run"].stderr[-3000:]
+    s3, tmp = job["s3"], job["tmp"]
+    output = f"s3://{BUCKET}/runs/never-published"
+    doc = yaml.safe_load((tmp / "job.yaml").read_text())
+    with FaultProxy(s3.endpoint, seed=5) as proxy:
+        doc["metadata"]["name"] = "never-published"
+        doc["spec"]["storage"]["endpoint"] = proxy.endpoint
+        doc["spec"]["output"] = output
+        manifest = tmp / "never.yaml"
+        manifest.write_text(yaml.safe_dump(doc))
+        proxy.storm(1.0, kinds=["500", "reset"], methods=["PUT", "POST"],
+                    path_contains="head.safetensors")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(s3.env(), EVACLIP_S3_ENDPOINT="", EVACLIP_S3_MAX_ATTEMPTS="2",
+                   EVACLIP_S3_TRANSFER_ATTEMPTS="2")
+        run = subprocess.run([*EVACLIP, "run", str(manifest), "--local", "--nproc", "1",
+                              "--workdir", str(tmp / "work-never")], cwd=tmp, env=env,
+                             capture_output=True, text=True, timeout=600, check=False)
+        injected = sum(proxy.faults.values())
+    left = {o.relpath for o in s3.storage().list(output)}
+    lines = run.stderr.strip().splitlines()
+    one_line = run.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") \
+        and "head.safetensors" in lines[0] and "Traceback" not in run.stderr
+    tally.record("s3-permanent-storm-publish", survived=int(one_line and MANIFEST_NAME not in left),
+                 leaks=int(MANIFEST_NAME in left), injected=injected)
+    assert injected > 0
+    assert one_line, run.stderr[-3000:]
+    assert MANIFEST_NAME not in left, left
