@@ -348,10 +348,10 @@ class FinetuneRecipe:
         sums = None
         for batch in itertools.islice(self.train_loader, batches):
             images = batch["images"].to(self.ctx.device, self.dtype)
-            z = self.engine.module.embed(images).double() if len(images) else None
-            if z is None:
-                self._spare_forward(None)
+            if not len(images):
+                self._spare_forward(None, embed_only=True)
                 continue
+            z = self.engine.module.embed(images).double()
             part = torch.stack([z.sum(0), (z * z).sum(0), torch.full_like(z[0], len(z))])
             sums = part.cpu() if sums is None else sums + part.cpu()
         self.engine.train()
@@ -457,12 +457,16 @@ class FinetuneRecipe:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX if max_ else dist.ReduceOp.SUM)
         return tensor
 
-    def _spare_forward(self, images: torch.Tensor | None) -> None:
-        """A forward whose result is dropped, keeping ZeRO-3's collectives in step."""
+    def _spare_forward(self, images: torch.Tensor | None, embed_only: bool = False) -> None:
+        """A forward whose result is dropped, keeping ZeRO-3's collectives in step with
+        ranks that still have images (the same modules as theirs run)."""
         if images is None:
             size = self.tower.preset.image_size
             images = torch.zeros(1, 3, size, size, device=self.ctx.device, dtype=self.dtype)
-        self.engine(images)
+        if embed_only:
+            self.engine.module.embed(images)
+        else:
+            self.engine(images)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float, float]:
@@ -522,8 +526,9 @@ class FinetuneRecipe:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
-    def write_outputs(self, folder: Path) -> dict[str, str]:
-        """Write the method's weights and the head into `folder` (collective on ZeRO-3).
+    def write_outputs(self, folder: Path | None) -> dict[str, str]:
+        """Write the method's weights and the head into `folder` on rank 0 (None on the
+        other ranks); every rank calls it, as gathering under ZeRO-3 is collective.
 
         Returns the artifacts written, relative to `folder` (empty on other ranks).
         """
@@ -538,7 +543,7 @@ class FinetuneRecipe:
         artifacts: dict[str, str] = {}
         with self._gathered(list(self.model.head.parameters()) +
                             (trained if method != "full" else [])):
-            if not self.ctx.is_primary:
+            if folder is None:
                 return artifacts
             weight, bias = self.model.folded_head()
             write_head(folder, self.ctx, weight, bias, self.class_names)
@@ -552,7 +557,7 @@ class FinetuneRecipe:
                 save_file(tensors, str(folder / "weights" / "trained.safetensors"),
                           metadata=meta)
                 artifacts["weights"] = "weights/trained.safetensors"
-        if tower_state is not None and self.ctx.is_primary:
+        if tower_state is not None and folder is not None:
             save_sharded(tower_state, folder / "weights", meta)
             artifacts["weights"] = "weights/"
         return artifacts
@@ -586,7 +591,7 @@ class FinetuneRecipe:
         last = self.history[-1]
         if not getattr(self, "confusion", None):
             self.evaluate()
-        artifacts = self.write_outputs(folder) if folder else self.write_outputs(Path("."))
+        artifacts = self.write_outputs(folder)
         n = len(self.class_names)
         support = [sum(row) for row in self.confusion]
         metrics = {
