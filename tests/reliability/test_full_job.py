@@ -16,7 +16,9 @@ any key. The tests then check, from what the job left behind:
 * no marker appears in stdout/stderr, the torchrun log, the rendered config, any file of
   the work directory (cache, features, outputs) or any object under the output URI;
 * publishing the same outputs again under a storm gives identical objects, and under a
-  permanent storm fails with one line and leaves no manifest that looks complete.
+  permanent storm fails with one line and leaves no manifest that looks complete;
+* the same job (1 process) whose head upload always fails ends with one line from
+  `evaclip run` and publishes no manifest.
 """
 
 from __future__ import annotations
