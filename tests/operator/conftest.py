@@ -30,7 +30,7 @@ async def _start(tmp_path: Path, *, pytorchjobs: bool) -> AsyncIterator[Cluster]
             yield cluster
         finally:
             for op in cluster.operators:
-                await op.stop()
+                await op.stop(grace=2.0)
 
 
 @pytest_asyncio.fixture

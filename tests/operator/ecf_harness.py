@@ -414,7 +414,7 @@ class Cluster:
     def operator_calls(self) -> set[tuple[str, str, str]]:
         return api_calls(self.emulator)
 
-    async def wait(self, predicate: Callable[[], Any], timeout: float = 15.0, *,
+    async def wait(self, predicate: Callable[[], Any], timeout: float = 30.0, *,
                    what: str = "the condition", op: Operator | None = None) -> Any:
         deadline = time.monotonic() + timeout
         while True:
@@ -431,7 +431,7 @@ class Cluster:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
             await asyncio.sleep(0.05)
 
-    async def wait_phase(self, phase: str, name: str = "digits", timeout: float = 15.0) -> None:
+    async def wait_phase(self, phase: str, name: str = "digits", timeout: float = 30.0) -> None:
         await self.wait(lambda: self.phase(name) == phase, timeout,
                         what=f"phase {phase} (now {self.phase(name)})")
 
