@@ -615,7 +615,6 @@ class FinetuneRecipe:
             publish(self.ctx, folder, extra={"method": self.spec.method.type,
                                              "top1": last["valTop1"]})
         self.ctx.barrier()
-        self.ctx.reporter.close()
         return metrics
 
     def cleanup(self) -> None:
