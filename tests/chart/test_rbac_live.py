@@ -39,12 +39,6 @@ from ecf_harness import (  # noqa: E402
 Call = tuple[str, str, str]
 # A real operator is watching within seconds; kopf retrying refused requests takes minutes.
 READY_TIMEOUT = 15.0
-SCANNING_ON = (
-    "kopf's namespace scan is on: refused by the namespaced Role, kopf retries it for about "
-    "a minute before it falls back to the configured namespaces (measured 55 s), so the "
-    "operator starts late; evaclip.operator.handlers.configure_kopf should set "
-    "settings.scanning.disabled = True"
-)
 _WRITE_VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update"}
 
 
@@ -166,11 +160,7 @@ def test_authorization_requests_are_parsed_like_the_api_server() -> None:
     assert authorization_request("GET", "/apis/kubeflow.org/v1", {}) is None
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param("namespaced", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=SCANNING_ON)),
-    "cluster-wide",
-])
+@pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])
 @pytest.mark.asyncio
 async def test_operator_works_with_exactly_the_chart_permissions(cluster, render, mode) -> None:
     """The operator, started with the Deployment's own args and variables, under its RBAC."""
