@@ -271,9 +271,11 @@ class Plan:
         """The printable report: counts, a per-device table, the verdict and the advice."""
         s = self.spec
         c = self.counts
+        zero = ("no DeepSpeed (frozen tower, cached features)" if s.method.type == "linearProbe"
+                else f"ZeRO-{s.deepspeed.zero_stage}")
         lines = [
             f"Plan for {s.model.preset}, method {s.method.type}, {s.model.precision}, "
-            f"ZeRO-{s.deepspeed.zero_stage}, {s.resources.nodes} node(s) x "
+            f"{zero}, {s.resources.nodes} node(s) x "
             f"{s.resources.gpus_per_node} GPU(s) (world size {self.world_size}), "
             f"batch {s.training.batch_size} per {self.device}",
             f"Parameters: {c.total / 1e9:.3f} B total, {c.trained / 1e9:.3f} B trained, "
