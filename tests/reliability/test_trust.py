@@ -30,8 +30,6 @@ from evaclip.operator import render
 from evaclip.operator.launcher import PyTorchJobLauncher
 from evaclip.operator.settings import from_env
 
-pytestmark = pytest.mark.asyncio
-
 PLATFORM = {
     "EVACLIP_TRAINER_IMAGE": "registry.corp/evaclip-trainer:0.1.0",
     "EVACLIP_ALLOWED_TRAINER_IMAGES": "registry.corp/evaclip-trainer:*",
@@ -77,6 +75,7 @@ def _secret(namespace: str, name: str, values: dict[str, str]) -> dict[str, Any]
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}}
 
 
+@pytest.mark.asyncio
 async def test_platform_policy_refuses_and_secrets_stay_in_secrets(cluster) -> None:
     mark = uuid.uuid4().hex
     secret_values = {"AWS_ACCESS_KEY_ID": f"AKIATRUST{mark[:11].upper()}",
