@@ -210,6 +210,9 @@ def test_sigkill_of_a_rank_resumes_from_the_last_checkpoint(lora_run, store, tmp
     assert resumed["steps"] == reference["steps"]
     assert len(resumed["history"]) == 2
     assert abs(resumed["top1"] - reference["top1"]) <= 0.005
+    # Same point of the learning-rate schedule at every epoch end.
+    assert [h["learningRate"] for h in resumed["history"]] == pytest.approx(
+        [h["learningRate"] for h in reference["history"]], rel=1e-6)
 
 
 def test_partial_zero2_with_augmentation_publishes_trained_blocks(store, tmp_path) -> None:
