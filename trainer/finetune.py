@@ -1,7 +1,7 @@
 """Fine-tuning recipe: LoRA, partial and full fine-tuning of an EVA-CLIP tower under DeepSpeed.
 
-One class, `FinetuneRecipe`, with `setup`, `train`, `save_checkpoint`, `save_outputs` and
-`cleanup`; `run(ctx)` drives it. What it supports and the spec keys behind each feature:
+One class, `FinetuneRecipe`, with `setup`, `train`, `save_checkpoint`, `finish` (outputs)
+and `cleanup`; `run(ctx)` drives it. What it supports and the spec keys behind each feature:
 
 - methods (`spec.method.type`): `lora` (peft LoRA on `method.lora.targetModules`, with
   `rank`, `alpha`, `dropout`, `includeMlp`), `partial` (the last
@@ -30,7 +30,13 @@ One class, `FinetuneRecipe`, with `setup`, `train`, `save_checkpoint`, `save_out
   is, onto the `EvaClipTower` (module names `trunk.blocks.N.attn.qkv`); partial
   `weights/trained.safetensors` (the trained tower tensors, `trunk.*` names); full the
   whole tower in `weights/` (one `model.safetensors`, or shards past 5 GB with
-  `model.safetensors.index.json`); per-epoch `metrics.json` and `loss_curve.png`.
+  `model.safetensors.index.json`); per-epoch `metrics.json` and `loss_curve.png`. The
+  head works on the standardised embedding while training (see `Classifier`); the
+  published one has the standardisation folded in.
+- Weights are read memory-mapped and cast to the training precision on each rank before
+  DeepSpeed takes the module, so a node holds one copy per rank in host memory at that
+  precision (about 35 GB per rank for eva-clip-18b in bf16) until it is on the GPUs;
+  ZeRO-3 partitioning at construction (`deepspeed.zero.Init`) is not used.
 
 Not supported, refused at start-up: fp16 without GPUs, LoRA targets that match no linear,
 more trainable blocks than the preset has, offload with the wrong ZeRO stage (spec rules),
@@ -283,8 +289,10 @@ class FinetuneRecipe:
         spec = self.spec
         tower = build_tower(spec.model.preset, device="meta")
         if spec.model.weights:
+            # DeepSpeed casts the module to the training precision anyway; casting while
+            # loading avoids an fp32 copy of the whole tower per rank.
             load_weights(tower, spec.model.weights, format=spec.model.format,
-                         storage=self.ctx.storage, dtype=torch.float32,
+                         storage=self.ctx.storage, dtype=_DTYPES[spec.model.precision],
                          trust_remote_code=spec.model.trust_remote_code)
         else:
             init_random_weights(tower, seed=spec.training.seed)
