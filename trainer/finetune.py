@@ -26,8 +26,8 @@ and `cleanup`; `run(ctx)` drives it. What it supports and the spec keys behind e
   augmentation is re-seeded per epoch from `training.seed`.
 - Outputs under `spec.output`: `head.safetensors` and `head.json`; lora `adapter/`
   (`adapter_config.json`, `adapter_model.safetensors`) for
-  `peft.PeftModel.from_pretrained(build_tower(preset, device="cpu"), ".../adapter")`, that
-  is, onto the `EvaClipTower` (module names `trunk.blocks.N.attn.qkv`); partial
+  `peft.PeftModel.from_pretrained(prepare_for_lora(build_tower(preset...)), ".../adapter")`,
+  that is, onto the `EvaClipTower` (module names `trunk.blocks.N.attn.qkv`); partial
   `weights/trained.safetensors` (the trained tower tensors, `trunk.*` names); full the
   whole tower in `weights/` (one `model.safetensors`, or shards past 5 GB with
   `model.safetensors.index.json`); per-epoch `metrics.json` and `loss_curve.png`. The
@@ -139,16 +139,26 @@ class Classifier(nn.Module):
 # --- methods ----------------------------------------------------------------------------
 
 
+def prepare_for_lora(tower: EvaClipTower) -> EvaClipTower:
+    """Route the fused qkv projection through its module, so LoRA on `qkv` takes effect.
+
+    With a q/v bias (eva02-clip-e14 towers) timm's Eva calls `F.linear` on the qkv weight
+    itself, bypassing a LoRA wrapper around the module; the separate-bias path is the same
+    arithmetic through the module. Call it on a fresh tower before
+    `PeftModel.from_pretrained` as well; towers without a qkv bias are unaffected.
+    """
+    for block in tower.trunk.blocks:
+        if hasattr(block.attn, "qkv_bias_separate"):
+            block.attn.qkv_bias_separate = True
+    return tower
+
+
 def apply_lora(tower: EvaClipTower, spec: EvaClipFinetuneSpec) -> nn.Module:
     """Wrap `tower` in a peft LoRA model; only the adapters stay trainable."""
     from peft import LoraConfig, get_peft_model
 
     lora_targets(tower, spec)  # refuses targets that match no linear
-    for block in tower.trunk.blocks:
-        # With a q/v bias Eva calls F.linear on the qkv weight itself, which bypasses the
-        # LoRA wrapper; the separate-bias path goes through the module.
-        if hasattr(block.attn, "qkv_bias_separate"):
-            block.attn.qkv_bias_separate = True
+    prepare_for_lora(tower)
     lora = spec.method.lora
     config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

@@ -118,3 +118,29 @@ def test_full_weights_are_sharded_with_an_index(tmp_path) -> None:
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     one = save_sharded(state, tmp_path / "one", {"preset": "x"})
     assert [p.name for p in one] == ["model.safetensors"]
+
+
+def test_saved_adapter_loads_onto_a_fresh_tower_with_a_qkv_bias(tmp_path) -> None:
+    """peft on a fresh eva02-clip-e14 tower reproduces the trained tower only after
+    prepare_for_lora; without it the qkv adapters are silently skipped."""
+    from peft import PeftModel
+
+    from evaclip.trainer.finetune import prepare_for_lora
+
+    spec = _spec({"type": "lora", "lora": {"rank": 4}},
+                 model={"preset": "eva02-clip-e14-tiny", "precision": "fp32"})
+    model = build_model(spec, build_tower("eva02-clip-e14-tiny", device="cpu"), 10, 0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.tower.save_pretrained(str(tmp_path / "adapter"))
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        expected = model.tower.eval()(x)
+        fresh = prepare_for_lora(build_tower("eva02-clip-e14-tiny", device="cpu"))
+        loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
+        assert torch.allclose(loaded(x), expected, atol=1e-6)
+        bare = PeftModel.from_pretrained(build_tower("eva02-clip-e14-tiny", device="cpu"),
+                                         str(tmp_path / "adapter")).eval()
+        assert not torch.allclose(bare(x), expected, atol=1e-4)
