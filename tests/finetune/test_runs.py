@@ -226,14 +226,31 @@ def test_partial_zero2_with_augmentation_publishes_trained_blocks(store, tmp_pat
     assert blocks == {"2", "3"}
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_full_publishes_the_whole_tower_that_reproduces_accuracy(store, tmp_path, zero) -> None:
+def _validation_top1(model, head_file: Path, names: list[str], storage) -> float:
+    """Top-1 of a tower-like `model` plus a published head on the validation images."""
     import torch
 
-    from evaclip.models import build_tower
     from evaclip.models.preprocess import clip_transform
+    from evaclip.models.presets import get_preset
     from evaclip.trainer.data import decode_image
     from evaclip.trainer.outputs import load_head
+
+    weight, bias = load_head(head_file)
+    tf = clip_transform(get_preset("eva-clip-18b-tiny"), train=False)
+    correct = total = 0
+    with torch.no_grad():
+        for obj in storage.list("s3://ft-data/digits/validation"):
+            label = names.index(obj.relpath.split("/")[0])
+            x = tf(decode_image(storage.read_bytes(obj.uri)))[None]
+            z = torch.nn.functional.normalize(model.eval()(x), dim=-1)
+            correct += int((z @ weight.T + bias).argmax(1).item() == label)
+            total += 1
+    return correct / total
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_full_publishes_the_whole_tower_that_reproduces_accuracy(store, tmp_path, zero) -> None:
+    from evaclip.models import build_tower
 
     manifest = _manifest(tmp_path, store, f"ft-full-z{zero}", {"type": "full"}, zero=zero,
                          epochs=2, every=0)
@@ -243,16 +260,34 @@ def test_full_publishes_the_whole_tower_that_reproduces_accuracy(store, tmp_path
     state = load_file(str(work / "outputs" / "weights" / "model.safetensors"))
     tower = build_tower("eva-clip-18b-tiny", device="cpu", seed=123)
     tower.load_state_dict(state, strict=True)
-    weight, bias = load_head(work / "outputs" / "head.safetensors")
-    storage = store.storage()
-    tf = clip_transform(tower.preset, train=False)
-    names = metrics["classNames"]
-    correct = total = 0
-    with torch.no_grad():
-        for obj in storage.list("s3://ft-data/digits/validation"):
-            label = names.index(obj.relpath.split("/")[0])
-            x = tf(decode_image(storage.read_bytes(obj.uri)))[None]
-            z = torch.nn.functional.normalize(tower.eval()(x), dim=-1)
-            correct += int((z @ weight.T + bias).argmax(1).item() == label)
-            total += 1
-    assert abs(correct / total - metrics["top1"]) <= 1.0 / total + 1e-9
+    top1 = _validation_top1(tower, work / "outputs" / "head.safetensors",
+                            metrics["classNames"], store.storage())
+    assert abs(top1 - metrics["top1"]) <= 1.0 / metrics["validationImages"] + 1e-9
+
+
+@pytest.mark.parametrize("method", ["lora", "partial"])
+def test_lora_and_partial_under_zero3_publish_what_reproduces_accuracy(
+        store, tmp_path, method) -> None:
+    """Under ZeRO-3 the trained tensors are gathered from both ranks before saving."""
+    from peft import PeftModel
+
+    from evaclip.models import build_tower
+    from evaclip.trainer.finetune import prepare_for_lora
+
+    spec = LORA if method == "lora" else {"type": "partial", "partial": {"trainableBlocks": 2}}
+    manifest = _manifest(tmp_path, store, f"ft-{method}-z3", spec, zero=3, epochs=2, every=0)
+    out = tmp_path / "work" / "outputs"
+    metrics = _run(manifest, tmp_path / "work", store)
+    assert metrics["deepspeed"]["zeroStage"] == 3 and metrics["top1"] > 0.3
+    tower = prepare_for_lora(build_tower("eva-clip-18b-tiny", device="cpu", seed=0))
+    if method == "lora":
+        model = PeftModel.from_pretrained(tower, str(out / "adapter"))
+    else:
+        trained = load_file(str(out / "weights" / "trained.safetensors"))
+        assert all(t.numel() > 0 for t in trained.values())
+        missing, unexpected = tower.load_state_dict(trained, strict=False)
+        assert not unexpected and not any(k.startswith("trunk.blocks.3.") for k in missing)
+        model = tower
+    top1 = _validation_top1(model, out / "head.safetensors", metrics["classNames"],
+                            store.storage())
+    assert abs(top1 - metrics["top1"]) <= 1.0 / metrics["validationImages"] + 1e-9
