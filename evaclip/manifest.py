@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,12 @@ def parse_resource(obj: Any) -> EvaClipFinetune:
     # Metadata written by the API server (uid, managedFields, ...) is not ours to check.
     meta = {k: v for k, v in obj["metadata"].items() if k in ("name", "namespace", "labels",
                                                             "annotations")}
+    # Validate the JSON the API server would store, with its strict types: no "3" for an
+    # integer, no "yes" for a boolean, so `evaclip validate`, `evaclip run` and the
+    # operator accept exactly what the CRD accepts.
+    document = json.dumps({**obj, "metadata": meta, "status": None}, default=str)
     try:
-        return EvaClipFinetune.model_validate({**obj, "metadata": meta, "status": None})
+        return EvaClipFinetune.model_validate_json(document, strict=True)
     except ValidationError as err:
         raise describe_validation_error(err) from None
 

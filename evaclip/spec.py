@@ -44,6 +44,25 @@ class _Model(BaseModel):
     )
 
 
+# Kubernetes resource quantities ("16", "500m", "200Gi", "1.5e3"), as the API server parses them.
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+ENDPOINT = r"^https?://[^\s/?#]+(/[^\s]*)?$"
+
+
+def _check_quantity(value: str | None) -> str | None:
+    if value is not None and not re.match(QUANTITY, value):
+        raise ValueError("use a Kubernetes quantity such as 16, 500m, 200Gi or 1.5Ti")
+    return value
+
+
+def _quantity_field(default: str | None, description: str) -> Any:
+    return Field(default=default, description=description,
+                 json_schema_extra={"pattern": QUANTITY})
+
+
 def _check_uri(value: str | None, what: str) -> str | None:
     if value is None:
         return None
@@ -203,6 +222,19 @@ class LoraSpec(_Model):
         default=False, description="Also adapt the MLP linears (fc1, fc2)."
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"entry {i} ({pattern!r}) is not a short name or a valid regular "
+                    f"expression: {err}"
+                ) from None
+        return v
+
 
 class PartialSpec(_Model):
     """Train only the last blocks of the tower."""
@@ -355,11 +387,11 @@ class ResourcesSpec(_Model):
         default=80, gt=0, le=1024,
         description="Memory of one GPU in GiB, used by the planner to check the job fits.",
     )
-    cpu: str | None = Field(default=None, description="CPU request per pod, for example '16'.")
-    memory: str | None = Field(default=None, description="Memory request per pod, e.g. '200Gi'.")
-    shm_size: str = Field(
-        default="16Gi", description="Size of the memory-backed /dev/shm of each pod."
-    )
+    cpu: str | None = _quantity_field(None, "CPU request per pod, for example '16'.")
+    memory: str | None = _quantity_field(None, "Memory request per pod, e.g. '200Gi'.")
+    shm_size: str = _quantity_field("16Gi", "Size of the memory-backed /dev/shm of each pod.")
+
+    _quantities = field_validator("cpu", "memory", "shm_size")(_check_quantity)
 
 
 class SecretRef(_Model):
@@ -382,9 +414,18 @@ class StorageSpec(_Model):
 
     endpoint: str | None = Field(
         default=None,
-        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, GCS interop); "
-        "empty uses AWS. `evaclip run --local` starts an embedded store when empty.",
+        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, GCS interop), "
+        "http:// or https://; empty uses AWS. `evaclip run --local` starts an embedded store "
+        "when empty.",
+        json_schema_extra={"pattern": ENDPOINT},
     )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(ENDPOINT, v):
+            raise ValueError("use an http:// or https:// URL such as https://minio.example:9000")
+        return v
     region: str = Field(default="us-east-1", description="S3 region.")
     credentials_secret: SecretRef | None = Field(
         default=None,
