@@ -111,9 +111,9 @@ def test_lora_targets_matching_nothing_is_refused() -> None:
     res = _resource(method={"type": "lora", "lora": {"targetModules": ["nothing_here"]}})
     with pytest.raises(UserError, match="spec.method.lora.targetModules"):
         planner.plan(res)
-    res = _resource(method={"type": "lora", "lora": {"targetModules": ["(unclosed"]}})
+    # An invalid pattern is refused by the spec itself, before any planning.
     with pytest.raises(UserError, match="spec.method.lora.targetModules"):
-        planner.plan(res)
+        planner.plan(_resource(method={"type": "lora", "lora": {"targetModules": ["(unclosed"]}}))
     # A regular expression that catches the patch embedding's Conv2d is not a linear.
     res = _resource(method={"type": "lora", "lora": {"targetModules": [r".*\.proj"]}})
     with pytest.raises(UserError, match="not a linear layer"):
