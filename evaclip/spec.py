@@ -213,7 +213,7 @@ class LoraSpec(_Model):
         default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input; 0 to 1."
     )
     target_modules: list[str] = Field(
-        default_factory=lambda: ["qkv", "proj"],
+        default=["qkv", "proj"],
         min_length=1,
         description="Attention linears to adapt, by short name: qkv, proj, q_proj, k_proj, "
         "v_proj, or a regular expression over full module names.",
