@@ -99,9 +99,19 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Op
 
 
 def run_operator(config: OperatorConfig) -> int:
-    """Start kopf with our registry and settings; returns when the operator stops."""
+    """Start kopf with our registry and settings; returns when the operator stops.
+
+    SIGTERM and SIGINT stop it (kopf's own signal handlers); it then returns 0. It returns
+    EXIT_RESTART when it stopped itself to start again (see `restart` below).
+    """
     import asyncio
-    import threading
+
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: OperatorConfig) -> int:
+    """The operator's event loop: kopf until a signal or a restart request stops it."""
+    import asyncio
 
     import kopf
 
@@ -114,15 +124,21 @@ def run_operator(config: OperatorConfig) -> int:
         metrics.serve(config.metrics_port)
     settings = kopf.OperatorSettings()
     configure_kopf(settings, config)
-    stop = threading.Event()
+    # SIGTERM and SIGINT go to kopf's own signal handlers. A restart cancels kopf's task
+    # rather than raising a stop flag: kopf waits on a stop flag in a task (or, for a
+    # threading.Event, in an executor thread) that it does not cancel when a signal stops
+    # it first, which delays every shutdown by 5 s (or, with a thread, forever).
+    loop = asyncio.get_running_loop()
     reasons: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
 
     def restart(why: str) -> None:
-        if not stop.is_set():
+        # Called from the handlers' worker threads.
+        if not reasons:
             reasons.append(why)
             log.warning("Stopping to start again: %s, and kopf watches only the APIs it "
                         "found when it started.", why)
-            stop.set()
+            loop.call_soon_threadsafe(tasks[0].cancel)
 
     registry = build_registry(config, metrics, restart=restart)
     scope = (
@@ -132,16 +148,19 @@ def run_operator(config: OperatorConfig) -> int:
     )
     where = ", ".join(config.namespaces) if "namespaces" in scope else "all namespaces"
     log.info("Starting the operator for %s with the %s launcher.", where, config.launcher)
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            settings=settings,
-            standalone=True,
-            liveness_endpoint=config.liveness_endpoint,
-            stop_flag=stop,
-            **scope,
-        )
-    )
+    tasks.append(asyncio.create_task(kopf.operator(
+        registry=registry,
+        settings=settings,
+        standalone=True,
+        liveness_endpoint=config.liveness_endpoint,
+        **scope,
+    )))
+    try:
+        await tasks[0]
+    except asyncio.CancelledError:
+        if not reasons:
+            raise
+    log.info("The operator stopped.")
     # Exit non-zero so the pod's container restarts at once (Deployment: Always).
     return EXIT_RESTART if reasons else 0
 

@@ -29,8 +29,15 @@ async def _start(tmp_path: Path, *, pytorchjobs: bool) -> AsyncIterator[Cluster]
         try:
             yield cluster
         finally:
+            # Every operator must stop cleanly on SIGTERM; stop all before reporting one.
+            failures = []
             for op in cluster.operators:
-                await op.stop(grace=2.0)
+                try:
+                    await op.stop()
+                except AssertionError as err:
+                    failures.append(str(err))
+            if failures:
+                raise AssertionError("\n".join(failures))
 
 
 @pytest_asyncio.fixture

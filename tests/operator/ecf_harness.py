@@ -249,21 +249,36 @@ class Operator:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, grace: float = 10.0, sig: int = signal.SIGTERM) -> int:
         """Stop as Kubernetes stops a pod: SIGTERM, then SIGKILL after `grace` seconds.
 
-        Waits without blocking the event loop: the emulator must keep serving the
-        operator's last requests while it shuts down.
+        Returns the exit code. An operator that was running must exit by itself within
+        `grace` with code 0; otherwise it is killed and this raises AssertionError, so no
+        test can pass over an operator that ignores SIGTERM. Waits without blocking the
+        event loop: the emulator must keep serving the operator's last requests while it
+        shuts down.
         """
         self.stopped = True
+        if self.proc.poll() is not None:
+            return int(self.proc.returncode)  # it had exited already (tests check why)
+        self.proc.send_signal(sig)
+        deadline = time.monotonic() + grace
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"the operator was still running {grace} s after {signal.Signals(sig).name}; "
+                f"killed it:\n{self.output()[-3000:]}"
+            )
+        code = int(self.proc.returncode)
+        if code != 0:
+            raise AssertionError(
+                f"the operator exited with {code} after {signal.Signals(sig).name}:\n"
+                f"{self.output()[-3000:]}"
+            )
+        return code
 
     def crash(self) -> None:
         """Die at once, mid-work, as an OOM-killed or evicted pod does."""

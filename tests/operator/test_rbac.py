@@ -21,6 +21,8 @@ async def test_operator_api_calls_are_the_declared_set(cluster):
         "data": {"config.json": "{}"}})
     await cluster.start_operator()
     await cluster.wait(lambda: cluster.job("rbac"), what="job")
+    # The stale ConfigMap is updated after the job's create; the status is written last.
+    await cluster.wait_phase("Pending", "rbac")
     config = json.loads(cluster.config_map("rbac")["data"]["config.json"])
     assert config["metadata"]["name"] == "rbac", "the stale config was replaced"
 
