@@ -4,8 +4,11 @@ Sub-commands live next to what they drive (see COMMAND_MODULES). Each of those m
 has `register(subparsers)` and keeps heavy imports inside its handlers, so
 `evaclip --help` stays fast.
 
-A `UserError` anywhere becomes one line on stderr and exit code 1; nothing the user can
-fix ends in a traceback.
+A `UserError` anywhere, or a `StorageError` (object storage unreachable or failing after
+every retry), becomes one line on stderr and exit code 1; nothing the user can fix ends
+in a traceback. Any other exception is a bug and keeps its traceback. Ctrl-C (or SIGTERM
+to `evaclip run`) prints `interrupted`, with where the run can resume from when a
+checkpoint exists, and exits 130.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 
 from evaclip import __version__
 from evaclip.errors import UserError
+from evaclip.storage import StorageError
 
 COMMAND_MODULES = (
     "evaclip.models.commands",  # model list / info, features
@@ -77,11 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UserError as err:
+    except (UserError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        hint = str(err)
+        print(f"interrupted; {hint}" if hint else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -25,9 +25,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -212,6 +214,113 @@ class TrainingFailed(UserError):
     """The trainer processes failed for a reason they did not describe (see the log)."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; the message says where it can resume from."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# torchrun's exit when a stop signal reached it other than through this process.
+SIGNAL_EXITS = {code for sig in STOP_SIGNALS for code in (-sig, 128 + sig)}
+GRACE_SECONDS = 45.0  # torchrun waits 30 s for its workers before it kills them itself
+
+
+def _descendants(proc: Any) -> list[Any]:
+    """The live descendants of a psutil.Process (none once it is gone)."""
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill_all(procs: Sequence[Any]) -> None:
+    """SIGKILL each psutil.Process still running (psutil refuses a reused pid) and reap it."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(procs), timeout=10)
+
+
+def supervise(argv: Sequence[str], env: Mapping[str, str], *, stdout: Any = None,
+              stderr: Any = None, grace: float = GRACE_SECONDS,
+              poll: float = 0.5) -> tuple[int, bool]:
+    """Run torchrun and leave no process behind; returns (exit code, interrupted).
+
+    torchrun runs in a session of its own and its workers in sessions of theirs, so a
+    Ctrl-C on the terminal reaches only this process. SIGINT or SIGTERM here is forwarded
+    to torchrun, which forwards it to the workers (they stop without publishing). After
+    `grace` seconds whatever is left of torchrun and of every worker seen while it ran
+    is killed. The workers' pids are collected while torchrun runs because once it is
+    gone they are children of PID 1 and no longer found under it.
+    """
+    import psutil
+
+    proc = subprocess.Popen(list(argv), env=dict(env), stdout=stdout, stderr=stderr,
+                            start_new_session=True)
+    leader = psutil.Process(proc.pid)
+    seen: dict[int, Any] = {}
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    handlers = {}
+    for sig in STOP_SIGNALS:
+        try:
+            handlers[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: signals stay with the caller
+            break
+    try:
+        deadline = None
+        while True:
+            for child in _descendants(leader):
+                seen.setdefault(child.pid, child)
+            try:
+                rc = proc.wait(timeout=poll)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + grace
+            if deadline is not None and time.monotonic() > deadline:
+                _kill_all([leader, *seen.values()])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        survivors = [p for p in seen.values() if p.is_running()]
+        if survivors:  # torchrun gone (or killed) before its workers
+            _kill_all(survivors)
+    return rc, bool(received) or rc in SIGNAL_EXITS
+
+
+def _resume_hint(resource: EvaClipFinetune, storage: Any, work: Path) -> str:
+    """Where a rerun of the same manifest resumes from (empty when there is no checkpoint)."""
+    from evaclip.storage import StorageError
+    from evaclip.trainer.checkpointing import CheckpointManager
+
+    if resource.spec.method.type == "linearProbe":
+        return ""
+    try:
+        manager = CheckpointManager(storage, resource.spec.output, work / "checkpoints",
+                                    keep_last=1)
+        step = manager.latest()
+    except (UserError, StorageError):
+        return ""
+    if step is None:
+        return ""
+    return (f"the same command resumes from checkpoint {manager.uri(step)} "
+            f"(step {step})")
+
+
 def copy_outputs(storage: Any, output_uri: str, dest: Path) -> dict[str, Any]:
     """Download a completed publish (by its manifest) into `dest`; returns the manifest."""
     from evaclip.storage import MANIFEST_NAME
@@ -235,7 +344,8 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
     resource = load_manifest(manifest)
     staged = [Stage.parse(s) for s in stages]
     check_plan(resource)
-    nproc = nproc or resource.spec.resources.gpus_per_node or 1
+    if nproc is None:
+        nproc = resource.spec.resources.gpus_per_node or 1
     if nproc < 1:
         raise UserError(f"--nproc: got {nproc}; use 1 or more processes")
     work = Path(workdir or Path(".cache") / "evaclip" / "runs" / resource.name).resolve()
@@ -250,7 +360,7 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
         for stage in staged:
             log(f"Uploading {stage.local} to {stage.uri}.")
             storage.upload_tree(stage.local, stage.uri, field="--stage")
-        metrics = _torchrun(resource, nproc, work, store_env, log)
+        metrics = _torchrun(resource, nproc, work, store_env, storage, log)
         if copy_to is not None:
             dest = Path(copy_to) / resource.name
             copy_outputs(storage, resource.spec.output, dest)
@@ -261,7 +371,7 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
 
 
 def _torchrun(resource: EvaClipFinetune, nproc: int, work: Path, store_env: Mapping[str, str],
-              log: Any) -> dict[str, Any]:
+              storage: Any, log: Any) -> dict[str, Any]:
     config = work / "config.json"
     config.write_text(trainer_config_json(resource))
     error_file, log_file = work / "error.txt", work / "torchrun.log"
@@ -275,8 +385,9 @@ def _torchrun(resource: EvaClipFinetune, nproc: int, work: Path, store_env: Mapp
     log(f"Starting {nproc} training process{'es' if nproc > 1 else ''} with torchrun "
         f"(rendezvous on {LOCALHOST}:{port}).")
     with open(log_file, "w") as err:
-        rc = subprocess.run(torchrun_command(nproc, master_port=port), env=env,
-                            stderr=err, check=False).returncode
+        rc, interrupted = supervise(torchrun_command(nproc, master_port=port), env, stderr=err)
+    if interrupted:
+        raise RunInterrupted(_resume_hint(resource, storage, work))
     if rc != 0:
         raise _failure(rc, error_file, log_file)
     metrics_file = work / "outputs" / "metrics.json"

@@ -12,6 +12,10 @@ A mistake in the input (a `UserError`) or object storage that keeps failing afte
 retry (a `StorageError`) ends the process with exit code 1 and one line on stderr, also
 written to `EVACLIP_ERROR_FILE` when set so `evaclip run --local` can show it instead of
 torchrun's report.
+
+SIGINT and SIGTERM (torchrun forwards either to its workers when it is stopped) end the
+process with 128 + the signal's number and one log line, without a traceback and
+without publishing: outputs are only published at the very end of a run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -81,12 +86,35 @@ def _report_error(message: str) -> None:
             pass
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; `signum` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    # Once is enough: further signals while the process winds down are ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def install_signal_handlers() -> dict[int, Any]:
+    """Turn SIGINT and SIGTERM into `Stopped`, which `main` reports in one line; returns
+    the handlers they replace."""
+    return {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run this process's part of the job; 0 on success, 1 on a user mistake."""
+    """Run this process's part of the job; 0 on success, 1 on a user mistake, 128 + the
+    signal's number when SIGINT or SIGTERM stopped it."""
     from evaclip.storage import StorageError
     from evaclip.trainer.context import JobContext
 
     rank = int(os.environ.get("RANK", "0") or 0)
+    previous = install_signal_handlers()
     setup_logging(rank)
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     ctx = None
@@ -99,9 +127,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # StorageError: object storage still failing after every retry, a one-line story too.
         _report_error(str(err))
         return 1
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        if rank == 0:  # stderr: the job's log, not the terminal of `evaclip run --local`
+            print(f"Stopped by {signal.Signals(signum).name} before the run finished.",
+                  file=sys.stderr, flush=True)
+        return 128 + signum
     finally:
         if ctx is not None:
             ctx.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
