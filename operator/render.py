@@ -29,6 +29,24 @@ STATUS_RESOURCE_ENV = "EVACLIP_STATUS_RESOURCE"
 CONTAINER_NAME = "pytorch"
 MASTER_PORT = 23456
 
+# The pod's only writable disk: an emptyDir mounted at /tmp, where the trainer image keeps
+# every cache (HF_HOME and TORCH_EXTENSIONS_DIR point into /tmp), so the container runs
+# with a read-only root filesystem. It holds the weights, the image cache and the
+# checkpoints before upload: tens of GB for the large towers (EVACLIP_SCRATCH_SIZE).
+SCRATCH_VOLUME = "scratch"
+SCRATCH_MOUNT = "/tmp"
+WORKDIR = f"{SCRATCH_MOUNT}/evaclip/work"
+CACHE_DIR = f"{SCRATCH_MOUNT}/evaclip/cache"
+# Trainer environment variables (trainer/context.py, evaclip/storage.py) and the tool
+# caches that would otherwise default to the read-only home directory.
+SCRATCH_ENV = {
+    "EVACLIP_WORKDIR": WORKDIR,
+    "EVACLIP_CACHE_DIR": CACHE_DIR,
+    "XDG_CACHE_HOME": f"{SCRATCH_MOUNT}/cache",
+    "TRITON_HOME": SCRATCH_MOUNT,
+    "MPLCONFIGDIR": f"{SCRATCH_MOUNT}/matplotlib",
+}
+
 
 def config_map_name(name: str) -> str:
     return f"{name}-trainer-config"
@@ -127,6 +145,7 @@ def _env(resource: EvaClipFinetune) -> list[dict[str, Any]]:
         {"name": "AWS_REGION", "value": storage.region},
         {"name": "AWS_DEFAULT_REGION", "value": storage.region},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *({"name": k, "value": v} for k, v in SCRATCH_ENV.items()),
     ]
     if storage.endpoint:
         env.append({"name": "EVACLIP_S3_ENDPOINT", "value": storage.endpoint})
@@ -157,6 +176,10 @@ def _container_resources(resource: EvaClipFinetune, config: OperatorConfig) -> d
     if res.memory:
         requests["memory"] = res.memory
         limits["memory"] = res.memory
+    if config.scratch_size:
+        # A request only: the scheduler picks a node with that much free disk, and a job
+        # that needs more is not evicted for it (there is no per-job size in the spec).
+        requests["ephemeral-storage"] = config.scratch_size
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -178,10 +201,12 @@ def _container(resource: EvaClipFinetune, config: OperatorConfig, image: str) ->
         "volumeMounts": [
             {"name": "trainer-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_MOUNT},
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "privileged": False,
+            "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
@@ -209,6 +234,8 @@ def pod_template(resource: EvaClipFinetune, config: OperatorConfig, image: str) 
                 "name": "dshm",
                 "emptyDir": {"medium": "Memory", "sizeLimit": resource.spec.resources.shm_size},
             },
+            # Node-local disk, deleted with the pod; see SCRATCH_MOUNT.
+            {"name": SCRATCH_VOLUME, "emptyDir": {}},
         ],
     }
     if runtime.service_account_name:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,6 +80,10 @@ class OperatorConfig:
     watch_client_timeout: float = 330.0
     watch_connect_timeout: float = 10.0
     max_workers: int = 16
+    # Kubernetes quantity of node-local disk each training pod requests for its scratch
+    # volume (weights, image cache, checkpoints before upload), e.g. "200Gi". None: no
+    # ephemeral-storage request.
+    scratch_size: str | None = None
 
     def image_for(self, requested: str | None) -> str:
         """The trainer image to run; raise UserError when the platform does not allow it."""
@@ -166,6 +171,19 @@ def _number(name: str, value: str, kind: type = float) -> Any:
         raise UserError(f"{name}: got {value!r}; expected a number") from None
 
 
+# A Kubernetes resource quantity as users write disk sizes (the API server accepts more).
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([KMGTPE]i|[kMGTPE])?$")
+
+
+def _quantity_or_none(name: str, value: str) -> str | None:
+    text = value.strip()
+    if not text:
+        return None
+    if not _QUANTITY.match(text):
+        raise UserError(f"{name}: got {value!r}; expected a size such as 200Gi or 500G")
+    return text
+
+
 def _port_or_none(name: str, value: str) -> int | None:
     if value.strip().lower() in ("", "0", "off", "none"):
         return None
@@ -198,6 +216,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "WATCH_CLIENT_TIMEOUT": ("watch_client_timeout", _number),
     "WATCH_CONNECT_TIMEOUT": ("watch_connect_timeout", _number),
     "MAX_WORKERS": ("max_workers", lambda n, v: _number(n, v, int)),
+    "SCRATCH_SIZE": ("scratch_size", _quantity_or_none),
 }
 
 ENV_VARS = tuple(ENV_PREFIX + name for name in _ENV)

@@ -105,6 +105,45 @@ def test_credentials_reach_pods_only_as_secret_references():
     assert '"name": "creds"' in cm["data"]["config.json"]
 
 
+def _pod_spec(job):
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+
+
+def test_pods_write_only_to_their_scratch_volume(pytorchjob_schema):
+    import kubernetes_validate
+
+    _, job = _job(manifest("scratch"), {"EVACLIP_SCRATCH_SIZE": "200Gi"})
+    pod = _pod_spec(job)
+    [container] = pod["containers"]
+    # Every path the trainer and its libraries write to lies in a mounted volume, so the
+    # root filesystem can be (and is) read-only.
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    scratch = mounts["/tmp"]
+    assert volumes[scratch["name"]]["emptyDir"] == {}  # node disk, not memory
+    assert not scratch.get("readOnly")
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for var in ("EVACLIP_WORKDIR", "EVACLIP_CACHE_DIR", "XDG_CACHE_HOME", "TRITON_HOME",
+                "MPLCONFIGDIR"):
+        assert env[var].startswith("/tmp"), var
+    assert env["EVACLIP_WORKDIR"] != env["EVACLIP_CACHE_DIR"]
+    assert container["resources"]["requests"]["ephemeral-storage"] == "200Gi"
+    assert "ephemeral-storage" not in container["resources"].get("limits", {})
+    assert schema_problems(job, pytorchjob_schema) == []
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod",
+                                  "metadata": {"name": "scratch-master-0"}, "spec": pod},
+                                 "1.30", strict=True)
+
+    # Without a platform size there is no request, and the volume is still there.
+    _, job = _job(manifest("scratch"))
+    [container] = _pod_spec(job)["containers"]
+    assert "ephemeral-storage" not in str(container["resources"])
+    assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
+    with pytest.raises(UserError, match="EVACLIP_SCRATCH_SIZE: got '200 GB'"):
+        from_env({"EVACLIP_SCRATCH_SIZE": "200 GB"})
+
+
 def test_settings_from_env_and_their_errors():
     config = from_env({"EVACLIP_ALLOWED_TRAINER_IMAGES": "a/b:*, c/d:1",
                        "EVACLIP_DEFAULT_NODE_SELECTOR": '{"pool": "gpu"}',
