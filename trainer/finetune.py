@@ -60,7 +60,7 @@ from torch import nn
 
 from evaclip.errors import UserError
 from evaclip.plan import lora_target_regex, lora_targets, partial_trains, require_fit
-from evaclip.trainer.checkpointing import CheckpointManager
+from evaclip.trainer.checkpointing import CheckpointManager, job_settings
 from evaclip.trainer.deepspeed_config import render_deepspeed_config
 from evaclip.trainer.param_groups import build_param_groups, optimizer_groups, warmup_cosine
 
@@ -267,6 +267,7 @@ class FinetuneRecipe:
         if self.spec.model.precision == "fp16" and self.ctx.device.type != "cuda":
             raise UserError("spec.model.precision: fp16 needs GPUs; use bf16 or fp32 on CPU")
         self._write_pid_file()
+        self._check_checkpoints()
         torch.manual_seed(self.spec.training.seed)
         self._setup_data()
         self._setup_model()
@@ -336,12 +337,18 @@ class FinetuneRecipe:
         self.dtype = _DTYPES[self.spec.model.precision]
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
-    def _setup_checkpoints(self) -> None:
+    def _check_checkpoints(self) -> None:
+        """Refuse, before any weights are read, checkpoints under the output that another
+        job wrote (see `CheckpointManager.check_job`)."""
         self.checkpoints = CheckpointManager(
             self.ctx.storage, self.ctx.output_uri, Path(self.ctx.workdir) / "checkpoints",
             keep_last=self.spec.checkpoint.keep_last, rank=self.ctx.rank,
             local_rank=self.ctx.local_rank, exclude_frozen=self.spec.method.type != "full",
+            job=job_settings(self.spec, self.ctx.world_size),
         )
+        self.checkpoints.check_job()
+
+    def _setup_checkpoints(self) -> None:
         state = self.checkpoints.restore(self.engine)
         if state is None:
             return

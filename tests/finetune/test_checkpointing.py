@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import yaml
+
+from evaclip.errors import UserError
+from evaclip.spec import EvaClipFinetune
 from evaclip.storage import Storage
-from evaclip.trainer.checkpointing import COMPLETE, CheckpointManager, tag_for
+from evaclip.trainer.checkpointing import COMPLETE, CheckpointManager, job_settings, tag_for
 
 
 class FileWritingEngine:
@@ -84,3 +89,80 @@ def test_round_trip_through_s3(tmp_path, s3_storage) -> None:
     assert all(k.startswith(tag_for(7)) for k in keys) and f"{tag_for(7)}/{COMPLETE}" in keys
     state = manager.restore(engine)
     assert state == {"step": 7, "epoch": 0, "batch_in_epoch": 5}
+
+
+# --- the job fingerprint: a checkpoint is resumed only by the job that wrote it -----------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _job_manager(tmp_path, output, spec, world_size=2) -> CheckpointManager:
+    return CheckpointManager(Storage(), output, tmp_path / "work", keep_last=2,
+                             job=job_settings(spec, world_size), barrier=lambda: None)
+
+
+def _spec(example: str, **changes):
+    """The spec of an example manifest with `changes` ({"training.learningRate": ...})."""
+    raw = yaml.safe_load((EXAMPLES / example).read_text())
+    for dotted, value in changes.items():
+        *path, last = dotted.split(".")
+        node = raw["spec"]
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return EvaClipFinetune.model_validate(raw).spec
+
+
+def test_same_job_resumes_its_own_checkpoint_again_and_again(tmp_path) -> None:
+    output = str(tmp_path / "out")
+    spec = _spec("digits-lora.yaml")
+    engine = FileWritingEngine()
+    _job_manager(tmp_path, output, spec).save(engine, 12, {"step": 12, "epoch": 1})
+    # A rerun of the same spec (after a finished run, say) keeps resuming, as often as
+    # it is run; settings that do not change the math may differ.
+    same = _spec("digits-lora.yaml", suspend=False, **{
+        "checkpoint.everySteps": 3, "data.numWorkers": 0, "resources.gpuMemoryGib": 40})
+    for _ in range(2):
+        manager = _job_manager(tmp_path, output, same)
+        assert manager.check_job() == 12
+        assert manager.restore(engine)["step"] == 12
+
+
+@pytest.mark.parametrize("changes", [
+    {"training.learningRate": 0.5},
+    {"data.train": "s3://other-bucket/train/"},
+    {"method.lora.rank": 4},
+    {"deepspeed.zeroStage": 3},
+    {"model.precision": "bf16"},
+])
+def test_checkpoint_of_a_different_job_is_refused_naming_output(tmp_path, changes) -> None:
+    output = str(tmp_path / "out")
+    engine = FileWritingEngine()
+    _job_manager(tmp_path, output, _spec("digits-lora.yaml")).save(engine, 12, {"step": 12})
+    other = _job_manager(tmp_path, output, _spec("digits-lora.yaml", **changes))
+    with pytest.raises(UserError) as err:
+        other.restore(engine)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("spec.output: ")
+    assert "holds checkpoints of a different job" in message
+    assert next(iter(changes)).split(".")[-1] in message  # names what differs
+    assert "new URI" in message and f"{output}/checkpoints/" in message
+    assert engine.loaded == []  # refused before anything was loaded
+
+
+def test_other_method_and_world_size_are_different_jobs(tmp_path) -> None:
+    output = str(tmp_path / "out")
+    engine = FileWritingEngine()
+    _job_manager(tmp_path, output, _spec("digits-lora.yaml")).save(engine, 5, {"step": 5})
+    for manager in (_job_manager(tmp_path, output, _spec("digits-partial.yaml")),
+                    _job_manager(tmp_path, output, _spec("digits-lora.yaml"), world_size=4)):
+        with pytest.raises(UserError, match="holds checkpoints of a different job"):
+            manager.check_job()
+
+
+def test_checkpoint_without_a_fingerprint_is_refused(tmp_path) -> None:
+    output = str(tmp_path / "out")
+    engine = FileWritingEngine()
+    _manager(tmp_path, output).save(engine, 5, {"step": 5})  # records no job settings
+    with pytest.raises(UserError, match=r"^spec\.output: .*does not record"):
+        _job_manager(tmp_path, output, _spec("digits-lora.yaml")).check_job()

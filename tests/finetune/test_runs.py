@@ -215,6 +215,23 @@ def test_sigkill_of_a_rank_resumes_from_the_last_checkpoint(lora_run, store, tmp
         [h["learningRate"] for h in reference["history"]], rel=1e-6)
 
 
+def test_rerun_of_another_job_into_a_used_output_is_refused(lora_run, store, tmp_path) -> None:
+    """A partial job pointed at the LoRA run's output neither resumes nor crashes in
+    DeepSpeed: it stops at start-up naming spec.output, and the output stays as it was."""
+    manifest, _, _ = lora_run
+    output = _output(manifest)
+    storage = store.storage()
+    before = storage.read_bytes(join_uri(output, "_SUCCESS.json"))
+    other = _manifest(tmp_path, store, "ft-other", {"type": "partial"}, output=output)
+    proc = subprocess.run(_command(other, tmp_path / "work"), env=_env(store), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert "spec.output: " in text and "holds checkpoints of a different job" in text
+    assert "parameter-alignment" not in text and "Resumed at step" not in text
+    assert storage.read_bytes(join_uri(output, "_SUCCESS.json")) == before
+
+
 def test_partial_zero2_with_augmentation_publishes_trained_blocks(store, tmp_path) -> None:
     manifest = _manifest(tmp_path, store, "ft-partial",
                          {"type": "partial", "partial": {"trainableBlocks": 2}}, augment=True)
