@@ -68,12 +68,30 @@ def _liveness(args: argparse.Namespace) -> str | None:
 
 def _operator(args: argparse.Namespace) -> int:
     config = config_from_args(args, os.environ)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ResourceFormatter(LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, args.log_level), handlers=[handler])
     return run_operator(config)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class ResourceFormatter(logging.Formatter):
+    """Starts each line about one object with `[namespace/name]`.
+
+    kopf's per-object loggers (the `logger` argument of handlers, and kopf's own messages
+    about an object) attach the object's reference to every record; without this prefix
+    a line such as "Handler 'create' failed permanently" would not say which resource.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        ref = getattr(record, "k8s_ref", None)
+        if isinstance(ref, dict) and ref.get("name"):
+            where = f"{ref['namespace']}/{ref['name']}" if ref.get("namespace") else ref["name"]
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg = f"[{where}] {record.msg}"
+        return super().format(record)
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> OperatorConfig:

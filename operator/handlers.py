@@ -434,11 +434,11 @@ def build_registry(
             )
         return state["r"]
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
         return kopf.login_via_client(**kwargs)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="warm-up", registry=registry)
     def warm_up(logger: Any, **_: Any) -> None:
         # Load the API classes now (about 2 s), not while the first resource waits.
         from kubernetes.client import CoreV1Api, CustomObjectsApi  # noqa: F401
@@ -463,21 +463,21 @@ def build_registry(
 
     common = dict(registry=registry, retries=None, backoff=config.api_retry_seconds)
 
-    @kopf.on.create(GROUP, VERSION, PLURAL, **common)
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="create", **common)
     def create_fn(body: kopf.Body, **_: Any) -> None:
         run(body, fresh=False, handler="create")
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, **common)
+    @kopf.on.resume(GROUP, VERSION, PLURAL, id="resume", **common)
     def resume_fn(body: kopf.Body, **_: Any) -> None:
         run(body, fresh=True, handler="resume")
 
-    @kopf.on.update(GROUP, VERSION, PLURAL, **common)
+    @kopf.on.update(GROUP, VERSION, PLURAL, id="update", **common)
     def update_fn(body: kopf.Body, **_: Any) -> None:
         run(body, fresh=True, handler="update")
 
     @kopf.on.event(
         launcher_cls.group, launcher_cls.version, launcher_cls.plural,
-        labels={render.LABEL_MANAGED_BY: render.MANAGED_BY}, registry=registry,
+        labels={render.LABEL_MANAGED_BY: render.MANAGED_BY}, id="job-event", registry=registry,
     )
     def job_event_fn(type: str | None, body: kopf.Body, **_: Any) -> None:
         with metrics.timed("job_event"):

@@ -26,6 +26,11 @@ BAD = {
 }
 
 
+def _messages(log: str) -> list[str]:
+    """The message part of each operator log line ("<time> <level> <logger>: <message>")."""
+    return [line.split(": ", 1)[1] for line in log.splitlines() if ": " in line]
+
+
 async def test_invalid_specs_create_nothing_and_warn(cluster):
     # With the memory planner on (it loads torch at start-up, about 10 s).
     await cluster.start_operator(EVACLIP_PLAN_CHECK="on")
@@ -41,6 +46,10 @@ async def test_invalid_specs_create_nothing_and_warn(cluster):
             e["type"] == "Warning" and e["reason"] == r and e["involvedObject"]["name"] == n
             for e in cluster.events()), what=f"a Warning event for {name}")
         assert cluster.job(name) is None and cluster.config_map(name) is None
+        # The operator's log says which resource failed, and why, on one line.
+        await cluster.wait(lambda n=name, f=field: any(
+            line.startswith(f"[default/{n}] Handler 'create' failed permanently") and f in line
+            for line in _messages(cluster.operators[0].output())), what=f"the log of {name}")
     assert cluster.creations(PYTORCHJOBS, "bad-image") == 0
 
     # A restarted operator re-checks them (resume) without repeating the warnings.
