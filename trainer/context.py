@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from evaclip.errors import UserError
 from evaclip.render import CONFIG_ENV
 from evaclip.spec import EvaClipFinetune, EvaClipFinetuneSpec
-from evaclip.storage import CACHE_ENV, Storage
+from evaclip.storage import CACHE_ENV, Storage, is_s3
 from evaclip.trainer.progress import Reporter
 
 if TYPE_CHECKING:
@@ -55,6 +55,20 @@ def load_config(path: str | os.PathLike[str] | None = None) -> EvaClipFinetune:
     except ValueError as err:
         raise UserError(f"{CONFIG_ENV}: {path} is not valid JSON ({err})") from None
     return parse_resource(obj)
+
+
+def check_weights(storage: Storage, weights: str | None) -> None:
+    """Refuse a `model.weights` URI under which nothing is stored (no object or file, or an
+    empty prefix or folder), so the mistake shows before any image is downloaded."""
+    if not weights:
+        return
+    field_name = "model.weights"
+    if is_s3(weights):
+        found = storage.exists(weights, field=field_name)
+    else:
+        found = bool(storage.list(weights, field=field_name))
+    if not found:
+        raise UserError(f"{field_name}: nothing is stored under {weights}; check the URI")
 
 
 def _env_int(name: str, default: int) -> int:

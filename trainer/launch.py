@@ -10,7 +10,9 @@ Both paths end in the same torchrun command (`torchrun_command`): N processes of
 2. when an `s3://` URI is used and `storage.endpoint` is empty, start an embedded S3
    store (moto) on 127.0.0.1 for the run, create the buckets and hand its endpoint and
    dummy credentials to the workers through the environment;
-3. check the output URI is writable, then upload the `--stage` folders;
+3. check the output URI is writable, upload the `--stage` folders, then check that
+   something is stored under `model.weights` (the trainer checks again before it
+   downloads any image);
 4. write the rendered trainer config (the document the operator puts in its ConfigMap),
    set the variables a PyTorchJob injects (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK,
    PET_*) and run torchrun;
@@ -340,6 +342,7 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
               log: Any = print) -> dict[str, Any]:
     """Run a manifest on this machine with torchrun; returns the published metrics."""
     from evaclip.manifest import load_manifest
+    from evaclip.trainer.context import check_weights
 
     resource = load_manifest(manifest)
     staged = [Stage.parse(s) for s in stages]
@@ -360,6 +363,7 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
         for stage in staged:
             log(f"Uploading {stage.local} to {stage.uri}.")
             storage.upload_tree(stage.local, stage.uri, field="--stage")
+        check_weights(storage, resource.spec.model.weights)
         metrics = _torchrun(resource, nproc, work, store_env, storage, log)
         if copy_to is not None:
             dest = Path(copy_to) / resource.name

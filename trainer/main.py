@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run this process's part of the job; 0 on success, 1 on a user mistake, 128 + the
     signal's number when SIGINT or SIGTERM stopped it."""
     from evaclip.storage import StorageError
-    from evaclip.trainer.context import JobContext
+    from evaclip.trainer.context import JobContext, check_weights
 
     rank = int(os.environ.get("RANK", "0") or 0)
     previous = install_signal_handlers()
@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = None
     try:
         ctx = JobContext.from_env(sinks=progress_sinks(rank))
+        check_weights(ctx.storage, ctx.spec.model.weights)  # before any data download
         run_method(ctx)
         ctx.reporter.close("done")
         return 0
