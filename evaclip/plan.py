@@ -15,9 +15,21 @@ The arithmetic, per parameter (N = GPUs in the job):
   in bf16/fp16, 4 B in fp32) plus 12 B of AdamW state (fp32 master copy, two moments; in
   fp32 training the master copy is the weight itself, so 8 B); a frozen one only its
   weight. Mixed-precision AdamW is thus 16 B per trained parameter.
-- ZeRO-1 divides optimizer states by N, ZeRO-2 also gradients, ZeRO-3 also weights (plus a
-  working set of two gathered blocks). Optimizer offload moves the AdamW state to host
-  memory, parameter offload (ZeRO-3) the weights.
+- ZeRO-1 and ZeRO-2 follow DeepSpeed's own estimator,
+  `deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`: the 16-bit
+  weights (2 B) stay whole on every GPU, and 18 B per trained parameter are divided by N
+  (16-bit gradients 2 B, the fp32 gradient partition 4 B, fp32 master weights 4 B, two
+  moments 8 B). ZeRO-1 partitions no gradients, so its 16-bit gradients stay whole (2 B
+  replicated, 16 B divided by N). In fp32 training there is no separate 16-bit copy: 4 B
+  weights replicated, 4 B gradients and 8 B of moments.
+- ZeRO-3 divides weights, gradients and optimizer states by N: 16 B per trained parameter
+  (the arithmetic of the design notes), plus a working set of two gathered blocks. It does
+  not count the transient fp32 gradient partition that DeepSpeed's ZeRO-3 estimator adds
+  (2 B more per parameter over N). Optimizer offload moves the AdamW state (and, below
+  ZeRO-3, the fp32 gradient partition) to host memory, parameter offload (ZeRO-3) the
+  weights.
+- Host memory per node is what offload puts there. When `resources.memory` is set the
+  plan fits only if that stays under 90 % of it; when unset the need is printed.
 - Activations kept for backward per image and block are about tokens x (9 x width + 2 x MLP
   hidden) values (4 x hidden for SwiGLU), assuming fused attention (no tokens^2 term).
   Only blocks from the first trained one upward keep them; checkpointing keeps one block
@@ -25,9 +37,14 @@ The arithmetic, per parameter (N = GPUs in the job):
 - A job fits when the total stays under 90 % of the GPU memory; the rest is left for the
   CUDA context, communication buffers and allocator fragmentation.
 
-With `resources.gpusPerNode: 0` (CPU runs) the same figures are per process and are
-checked against `resources.memory` (a pod's memory, shared by its processes) when it is
-set; otherwise they are printed and not checked.
+With `resources.gpusPerNode: 0` (CPU runs) the same figures are per process, planned for
+one process (`evaclip plan --nproc N` plans N local processes, as `evaclip run --local
+--nproc N` starts), and are checked against `resources.memory` (a pod's memory, shared by
+its processes) when it is set; otherwise they are printed and not checked.
+
+`spec.deepspeed.config` may not override what a spec field renders (ZeRO stage, offload
+devices, precision, batch sizes, gradient clipping, optimizer, scheduler): such an override
+is refused naming the field to set instead, so that the plan and the run agree.
 
 This module sits in the core layer so that the trainer and the operator can both refuse a
 plan that cannot fit; torch is imported only inside the functions that need it.
@@ -36,6 +53,7 @@ plan that cannot fit; torch is imported only inside the functions that need it.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -119,6 +137,46 @@ def partial_trains(name: str, depth: int, trainable_blocks: int) -> bool:
     if match:
         return int(match.group(1)) >= depth - trainable_blocks
     return not _EMBEDDING.search(name)
+
+
+# --- DeepSpeed overrides that would contradict the spec ------------------------------
+
+# Paths in a DeepSpeed config that spec fields render, with the field to set instead.
+_RENDERED_KEYS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("train_micro_batch_size_per_gpu",), "spec.training.batchSize"),
+    (("gradient_accumulation_steps",), "spec.training.gradientAccumulationSteps"),
+    (("train_batch_size",),
+     "spec.training.batchSize and spec.training.gradientAccumulationSteps"),
+    (("gradient_clipping",), "spec.training.gradientClipping"),
+    (("zero_optimization", "stage"), "spec.deepspeed.zeroStage"),
+    (("zero_optimization", "offload_optimizer", "device"), "spec.deepspeed.offloadOptimizer"),
+    (("zero_optimization", "offload_param", "device"), "spec.deepspeed.offloadParameters"),
+    (("bf16", "enabled"), "spec.model.precision"),
+    (("bfloat16", "enabled"), "spec.model.precision"),
+    (("fp16", "enabled"), "spec.model.precision"),
+    (("amp", "enabled"), "spec.model.precision"),
+    (("optimizer",), "spec.training.learningRate, backboneLearningRate and weightDecay"),
+    (("scheduler",), "spec.training.warmupFraction"),
+)
+
+
+def check_deepspeed_overrides(spec: EvaClipFinetuneSpec) -> None:
+    """Refuse a `spec.deepspeed.config` key that a spec field renders.
+
+    The planner, the `fp16`-on-CPU check and the recipe read the spec fields; an override
+    of what they render would make DeepSpeed run something else than was planned and
+    checked. Everything else (bucket sizes, offload pinning, profilers, ...) may be set.
+    """
+    config = spec.deepspeed.config
+    for path, instead in _RENDERED_KEYS:
+        node: Any = config
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            raise UserError(
+                f"spec.deepspeed.config: {'.'.join(path)} is rendered from {instead}; "
+                f"set that instead of overriding it here"
+            )
 
 
 # --- counting on the meta device -------------------------------------------------------
@@ -233,6 +291,10 @@ class Plan:
     host_per_node: int
     capacity: int | None
     device: str
+    # resources.memory of a GPU job's pod (None: not set, or a CPU job, checked per process).
+    host_capacity: int | None = None
+    # Processes per node: GPUs per node, or the local processes of a CPU run.
+    processes: int = 1
     advice: list[Change] = field(default_factory=list)
 
     @property
@@ -248,8 +310,16 @@ class Plan:
         return self.capacity is not None
 
     @property
+    def host_usable(self) -> int | None:
+        return None if self.host_capacity is None else int(self.host_capacity * USABLE_FRACTION)
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_usable is None or self.host_per_node <= self.host_usable
+
+    @property
     def fits(self) -> bool:
-        return self.usable is None or self.total <= self.usable
+        return (self.usable is None or self.total <= self.usable) and self.host_fits
 
     def summary(self) -> str:
         """One line: the setting and its per-device total."""
@@ -273,11 +343,16 @@ class Plan:
         c = self.counts
         zero = ("no DeepSpeed (frozen tower, cached features)" if s.method.type == "linearProbe"
                 else f"ZeRO-{s.deepspeed.zero_stage}")
+        if s.resources.gpus_per_node:
+            layout = (f"{s.resources.nodes} node(s) x {s.resources.gpus_per_node} GPU(s) "
+                      f"(world size {self.world_size})")
+        else:
+            layout = (f"CPU, {self.processes} local process(es) per node (world size "
+                      f"{self.world_size}; `evaclip run --local --nproc N` sets it, plan it "
+                      "with `evaclip plan --nproc N`)")
         lines = [
             f"Plan for {s.model.preset}, method {s.method.type}, {s.model.precision}, "
-            f"{zero}, {s.resources.nodes} node(s) x "
-            f"{s.resources.gpus_per_node} GPU(s) (world size {self.world_size}), "
-            f"batch {s.training.batch_size} per {self.device}",
+            f"{zero}, {layout}, batch {s.training.batch_size} per {self.device}",
             f"Parameters: {c.total / 1e9:.3f} B total, {c.trained / 1e9:.3f} B trained, "
             f"{c.frozen / 1e9:.3f} B frozen",
             "",
@@ -298,6 +373,9 @@ class Plan:
                          f"{self.host_per_node / 1e9:>10.2f}")
         lines.append("")
         lines.append(self.verdict())
+        gpu_only_fits = self.usable is not None and self.total <= self.usable
+        if self.host_per_node and self.device == "GPU" and (self.host_fits or not gpu_only_fits):
+            lines.append(self.host_verdict())
         if self.advice:
             first, *rest = self.advice
             lines.append(f"Smallest change that fits: {first.description} "
@@ -312,12 +390,34 @@ class Plan:
             return (f"Fits: not checked (no GPUs and no resources.memory); needs about "
                     f"{_gib(self.total)} per process.")
         word = "Fits" if self.fits else "Does not fit"
+        if self.usable is not None and self.total <= self.usable and not self.host_fits:
+            return (f"Does not fit: the GPUs would hold it ({_gib(self.total)} of "
+                    f"{_gib(self.usable)} usable per GPU), but host memory does not: "
+                    f"{_gib(self.host_per_node)} per node of {_gib(self.host_usable or 0)} "
+                    f"usable ({int(USABLE_FRACTION * 100)}% of resources.memory "
+                    f"{self.spec.resources.memory}).")
         return (f"{word}: {_gib(self.total)} of {_gib(self.usable or 0)} usable per "
                 f"{self.device} ({int(USABLE_FRACTION * 100)}% of {_gib(self.capacity or 0)}).")
+
+    def host_verdict(self) -> str:
+        """One line on the host memory that offload needs per node."""
+        if self.host_capacity is None:
+            return (f"Host memory: needs about {_gib(self.host_per_node)} per node for "
+                    "offloaded state, not checked (resources.memory is not set); give each "
+                    f"pod at least {host_request(self.host_per_node)} of memory.")
+        word = "fits" if self.host_fits else "does not fit"
+        return (f"Host memory {word}: {_gib(self.host_per_node)} per node of "
+                f"{_gib(self.host_usable or 0)} usable ({int(USABLE_FRACTION * 100)}% of "
+                f"resources.memory {self.spec.resources.memory}).")
 
 
 def _gib(value: int) -> str:
     return f"{value / GIB:.1f} GiB"
+
+
+def host_request(host_bytes: int) -> str:
+    """The smallest whole-GiB `resources.memory` whose usable share holds `host_bytes`."""
+    return f"{math.ceil(host_bytes / USABLE_FRACTION / GIB)}Gi"
 
 
 _QUANTITY = re.compile(r"^([0-9.]+)\s*(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P|k)?$")
@@ -335,20 +435,25 @@ def parse_quantity(text: str) -> int:
     return int(float(match.group(1)) * _FACTORS[match.group(2)])
 
 
-def _estimate(spec: EvaClipFinetuneSpec) -> Plan:
-    """The plan of `spec` as it stands, without advice."""
+def _estimate(spec: EvaClipFinetuneSpec, processes: int = 1) -> Plan:
+    """The plan of `spec` as it stands, without advice; `processes`: local processes of a
+    CPU run (gpusPerNode 0), ignored on GPUs."""
     from evaclip.models.presets import get_preset
 
+    check_deepspeed_overrides(spec)
     preset = get_preset(spec.model.preset)
     c = count(spec)
     ds = spec.deepspeed
     res = spec.resources
     on_gpu = res.gpus_per_node > 0
-    per_node = res.gpus_per_node if on_gpu else 1
+    per_node = res.gpus_per_node if on_gpu else max(1, processes)
     n = res.nodes * per_node
     p = 4 if spec.model.precision == "fp32" else 2
     stage = ds.zero_stage if spec.method.type != "linearProbe" else 0
+    # Per trained parameter: AdamW moments (8 B) plus, in mixed precision, the fp32 master
+    # copy (4 B); the fp32 gradient partition of ZeRO-1/2 (4 B) is counted with gradients.
     opt_bytes = 8 if p == 4 else 12
+    fp32_grads = c.trained * 4 if p == 2 and stage in (1, 2) else 0
 
     weights = c.total * p
     gradients = c.trained * p
@@ -356,11 +461,13 @@ def _estimate(spec: EvaClipFinetuneSpec) -> Plan:
     host = 0
     if stage >= 1:
         optimizer //= n
+        fp32_grads //= n
     if stage >= 2:
         gradients //= n
     if ds.offload_optimizer == "cpu" and stage >= 1:
-        host += optimizer * per_node
-        optimizer = 0
+        host += (optimizer + fp32_grads) * per_node
+        optimizer = fp32_grads = 0
+    gradients += fp32_grads
     if stage == 3:
         weights //= n
         if ds.offload_parameters == "cpu":
@@ -369,12 +476,15 @@ def _estimate(spec: EvaClipFinetuneSpec) -> Plan:
     buffers = _buffers(stage, c, p)
     activations = _activations(spec, preset, c, p)
     capacity: int | None = int(res.gpu_memory_gib * GIB) if on_gpu else None
-    if not on_gpu and res.memory:
-        capacity = parse_quantity(res.memory) - host
+    host_capacity = parse_quantity(res.memory) if res.memory else None
+    if not on_gpu and host_capacity is not None:
+        capacity = (host_capacity - host) // per_node
+        host_capacity = None  # host use is part of the per-process check
     return Plan(
         spec=spec, counts=c, world_size=n, weights=weights, gradients=gradients,
         optimizer=optimizer, activations=activations, buffers=buffers,
         host_per_node=host, capacity=capacity, device="GPU" if on_gpu else "process",
+        host_capacity=host_capacity, processes=per_node,
     )
 
 
@@ -423,7 +533,11 @@ def _variant(spec: EvaClipFinetuneSpec, updates: dict[str, Any]) -> EvaClipFinet
         return None
 
 
-def _candidate_families(spec: EvaClipFinetuneSpec) -> list[list[tuple[str, dict[str, Any]]]]:
+_MEMORY = "resources.memory"
+
+
+def _candidate_families(spec: EvaClipFinetuneSpec,
+                        base: Plan) -> list[list[tuple[str, dict[str, Any]]]]:
     """Changes grouped by kind, least disruptive kind first; within a kind, mildest first."""
     ds, t, r = spec.deepspeed, spec.training, spec.resources
     families: list[list[tuple[str, dict[str, Any]]]] = []
@@ -448,69 +562,110 @@ def _candidate_families(spec: EvaClipFinetuneSpec) -> list[list[tuple[str, dict[
     if ds.offload_parameters != "cpu":
         families.append([("set deepspeed.offloadParameters: cpu (with zeroStage 3)",
                           {"deepspeed.offload_parameters": "cpu", "deepspeed.zero_stage": 3})])
+    if not base.host_fits:
+        # The value is what the plan with the other changes needs (see _resolve_memory).
+        families.append([("set resources.memory", {_MEMORY: None})])
     return [f for f in families if f]
 
 
+def _resolve_memory(spec: EvaClipFinetuneSpec, description: str, updates: dict[str, Any],
+                    processes: int) -> tuple[str, dict[str, Any]] | None:
+    """Fill in a `resources.memory` change with the host memory the changed plan needs."""
+    if _MEMORY not in updates or updates[_MEMORY] is not None:
+        return description, updates
+    others = {k: v for k, v in updates.items() if k != _MEMORY}
+    trial = _variant(spec, {**others, _MEMORY: None})
+    if trial is None:
+        return None
+    memory = host_request(_estimate(trial, processes).host_per_node)
+    return (description.replace("set resources.memory", f"set resources.memory: {memory}"),
+            {**others, _MEMORY: memory})
+
+
 def _first_fit(spec: EvaClipFinetuneSpec, family: list[tuple[str, dict[str, Any]]],
-               base: tuple[str, dict[str, Any]] | None = None) -> Change | None:
+               base: tuple[str, dict[str, Any]] | None = None,
+               processes: int = 1) -> Change | None:
     for description, updates in family:
         if base is not None:
             description = f"{base[0]} and {description}"
             updates = {**base[1], **updates}
+        resolved = _resolve_memory(spec, description, updates, processes)
+        if resolved is None:
+            continue
+        description, updates = resolved
         variant = _variant(spec, updates)
         if variant is None:
             continue
-        planned = _estimate(variant)
+        planned = _estimate(variant, processes)
         if planned.fits:
             return Change(description, updates, planned)
     return None
 
 
-def advise(spec: EvaClipFinetuneSpec) -> list[Change]:
+def advise(spec: EvaClipFinetuneSpec, processes: int = 1) -> list[Change]:
     """Changes that make `spec` fit, one per kind of change, the least disruptive first.
 
-    For each kind (checkpointing, ZeRO stage, batch size, nodes, offload) the mildest
-    setting that fits alone is taken; when none does, the mildest one that fits together
-    with a change of another kind. Changes that fit alone come before pairs.
+    For each kind (checkpointing, ZeRO stage, batch size, nodes, offload, pod memory) the
+    mildest setting that fits alone is taken; when none does, the mildest one that fits
+    together with a change of another kind. Changes that fit alone come before pairs; a
+    pair found from both of its kinds is listed once.
     """
-    families = _candidate_families(spec)
+    families = _candidate_families(spec, _estimate(spec, processes))
     singles: list[Change] = []
     pairs: list[Change] = []
     for i, family in enumerate(families):
-        alone = _first_fit(spec, family)
+        alone = _first_fit(spec, family, processes=processes)
         if alone is not None:
             singles.append(alone)
             continue
         for other in families[:i] + families[i + 1:]:
             paired = next(
-                (ch for base in family if (ch := _first_fit(spec, other, base)) is not None),
+                (ch for base in family
+                 if (ch := _first_fit(spec, other, base, processes)) is not None),
                 None,
             )
             if paired is not None:
                 pairs.append(paired)
                 break
-    return singles + pairs
+    unique: list[Change] = []
+    seen: list[frozenset[tuple[str, str]]] = []
+    for change in singles + pairs:
+        key = frozenset((k, repr(v)) for k, v in change.updates.items())
+        # The same set of changes, or a pair that adds to a change that fits alone.
+        if not any(key >= other for other in seen):
+            seen.append(key)
+            unique.append(change)
+    return unique
 
 
-def plan_spec(spec: EvaClipFinetuneSpec) -> Plan:
-    """The plan of a job spec, with advice when it does not fit."""
-    result = _estimate(spec)
+def plan_spec(spec: EvaClipFinetuneSpec, processes: int = 1) -> Plan:
+    """The plan of a job spec, with advice when it does not fit. `processes`: the local
+    processes of a CPU run (`--nproc`); GPU jobs take theirs from the spec."""
+    result = _estimate(spec, processes)
     if not result.fits:
-        result.advice = advise(spec)
+        result.advice = advise(spec, processes)
     return result
 
 
-def plan(resource: EvaClipFinetune) -> Plan:
+def plan(resource: EvaClipFinetune, processes: int = 1) -> Plan:
     """The plan of a whole EvaClipFinetune resource."""
-    return plan_spec(resource.spec)
+    return plan_spec(resource.spec, processes)
 
 
-def require_fit(resource: EvaClipFinetune | EvaClipFinetuneSpec) -> Plan:
+def require_fit(resource: EvaClipFinetune | EvaClipFinetuneSpec, processes: int = 1) -> Plan:
     """Return the plan, or raise UserError with the verdict and the smallest fitting change."""
     spec = resource.spec if isinstance(resource, EvaClipFinetune) else resource
-    result = plan_spec(spec)
+    result = plan_spec(spec, processes)
     if result.fits:
         return result
+    if result.usable is None or result.total <= result.usable:
+        hint = (f"smallest change that fits: {result.advice[0].description}" if result.advice
+                else f"set resources.memory to at least {host_request(result.host_per_node)}")
+        raise UserError(
+            f"spec.resources.memory: the job's offloaded state needs {_gib(result.host_per_node)}"
+            f" of host memory per node but {_gib(result.host_usable or 0)} of "
+            f"{result.spec.resources.memory} is usable; {hint}; see `evaclip plan`"
+        )
     if result.advice:
         hint = f"smallest change that fits: {result.advice[0].description}"
     else:
@@ -529,7 +684,9 @@ def require_fit(resource: EvaClipFinetune | EvaClipFinetuneSpec) -> Plan:
 def _plan_command(args: argparse.Namespace) -> int:
     from evaclip.manifest import load_manifest
 
-    result = plan(load_manifest(args.manifest))
+    if args.nproc < 1:
+        raise UserError(f"--nproc: got {args.nproc}; use 1 or more local processes")
+    result = plan(load_manifest(args.manifest), processes=args.nproc)
     print(result.table(), end="")
     return 0 if result.fits else 1
 
@@ -543,4 +700,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "activations; exit 0 when the job fits, 1 with the smallest fitting change when not.",
     )
     p.add_argument("manifest", help="EvaClipFinetune manifest file")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="CPU jobs (gpusPerNode 0): plan N local processes, as "
+                   "`evaclip run --local --nproc N` starts (default 1)")
     p.set_defaults(func=_plan_command)

@@ -3,7 +3,9 @@
 Every knob the spec exposes (`spec.deepspeed.*`, `spec.training.*`, `spec.model.precision`)
 lands in one dict that goes to `deepspeed.initialize(config=...)`; `spec.deepspeed.config`
 is then deep-merged over it so a user can set anything DeepSpeed knows that the spec does
-not expose (mappings merge key by key, everything else is replaced).
+not expose (mappings merge key by key, everything else is replaced). Keys that a spec
+field renders (ZeRO stage, offload devices, precision, batch sizes, clipping, optimizer,
+scheduler) are refused by `evaclip.plan.check_deepspeed_overrides`, naming the field.
 
 The optimizer is never declared here: the recipe hands DeepSpeed a plain `torch.optim.AdamW`
 with its own parameter groups (head and backbone learning rates, layer decay, no decay on
@@ -20,7 +22,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from evaclip.errors import UserError
+from evaclip.plan import check_deepspeed_overrides
 from evaclip.spec import EvaClipFinetuneSpec
 
 # Rarely print DeepSpeed's own step lines; the trainer reports progress itself.
@@ -86,22 +88,5 @@ def render_deepspeed_config(spec: EvaClipFinetuneSpec, world_size: int) -> dict[
     }
     if ds.offload_optimizer == "cpu" or ds.offload_parameters == "cpu":
         config["zero_force_ds_cpu_optimizer"] = False
-    merged = deep_merge(config, ds.config)
-    _check_batch(merged, world_size)
-    return merged
-
-
-def _check_batch(config: dict[str, Any], world_size: int) -> None:
-    """Refuse an override whose batch sizes DeepSpeed would reject later, mid start-up."""
-    micro = config.get("train_micro_batch_size_per_gpu")
-    accum = config.get("gradient_accumulation_steps")
-    total = config.get("train_batch_size")
-    if None in (micro, accum, total):
-        return
-    if micro * accum * world_size != total:
-        raise UserError(
-            f"spec.deepspeed.config: train_batch_size {total} must equal "
-            f"train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps {accum} x "
-            f"world size {world_size}; set training.batchSize and "
-            "training.gradientAccumulationSteps instead of overriding them"
-        )
+    check_deepspeed_overrides(spec)
+    return deep_merge(config, ds.config)

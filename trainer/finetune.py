@@ -260,7 +260,7 @@ class FinetuneRecipe:
 
     def setup(self) -> None:
         """Check the plan, build data, model and engine, and resume if a checkpoint exists."""
-        require_fit(self.spec)
+        require_fit(self.spec, processes=self.ctx.local_world_size)
         # DeepSpeed's ZeRO calls a deprecated torch.distributed name on every step.
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*",
                                 category=FutureWarning)

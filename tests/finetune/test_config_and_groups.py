@@ -58,11 +58,11 @@ def test_offload_and_precisions() -> None:
 
 def test_user_config_is_deep_merged_over_the_rendered_one() -> None:
     cfg = render_deepspeed_config(_spec(deepspeed={"config": {
-        "zero_optimization": {"reduce_bucket_size": 1000, "stage": 1},
-        "bf16": {"enabled": True, "immediate_grad_update": True},
+        "zero_optimization": {"reduce_bucket_size": 1000},
+        "bf16": {"immediate_grad_update": True},
         "flops_profiler": {"enabled": False},
     }}), world_size=2)
-    assert cfg["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
     assert cfg["bf16"] == {"enabled": True, "immediate_grad_update": True}
     assert cfg["flops_profiler"] == {"enabled": False}
     assert cfg["train_micro_batch_size_per_gpu"] == 8
@@ -70,9 +70,13 @@ def test_user_config_is_deep_merged_over_the_rendered_one() -> None:
         "a": {"b": 1, "d": 2}, "c": [2]}
 
 
-def test_inconsistent_batch_override_names_the_field() -> None:
-    with pytest.raises(UserError, match=r"spec\.deepspeed\.config: train_batch_size 7"):
+def test_overrides_of_spec_fields_are_refused_naming_the_field() -> None:
+    with pytest.raises(UserError, match=r"spec\.deepspeed\.config: train_batch_size .*"
+                                        r"spec\.training\.batchSize"):
         render_deepspeed_config(_spec(deepspeed={"config": {"train_batch_size": 7}}), 2)
+    with pytest.raises(UserError, match=r"zero_optimization\.stage .*spec\.deepspeed\.zeroStage"):
+        render_deepspeed_config(_spec(deepspeed={"config": {"zero_optimization": {"stage": 3}}}),
+                                2)
 
 
 def test_offload_with_zero0_is_refused_by_the_spec() -> None:

@@ -70,8 +70,10 @@ def test_zero_stages_partition_what_they_should() -> None:
     plans = {s: planner.plan(_resource(deepspeed={"zeroStage": s})) for s in range(4)}
     n = plans[0].counts.trained
     assert plans[0].optimizer == n * 12
-    assert plans[1].optimizer == n * 12 // 8 and plans[1].gradients == n * 2
-    assert plans[2].gradients == n * 2 // 8 and plans[2].weights == plans[0].weights
+    # ZeRO-1 keeps whole 16-bit gradients; ZeRO-1/2 add the fp32 gradient partition.
+    assert plans[1].optimizer == n * 12 // 8 and plans[1].gradients == n * 2 + n * 4 // 8
+    assert plans[2].gradients == n * 2 // 8 + n * 4 // 8
+    assert plans[2].weights == plans[0].weights
     assert plans[3].weights == plans[0].weights // 8
     assert plans[0].total > plans[1].total > plans[2].total > plans[3].total
 
@@ -162,3 +164,132 @@ def test_every_published_preset_plans_from_its_meta_tower(preset) -> None:
     embed = PRESETS[preset].embed_dim
     assert result.counts.total == count_parameters(preset) + embed * 1000 + 1000
     assert result.total > result.weights > 0
+
+
+def _default_18b(**overrides):
+    """eva-clip-18b, full, 1 node x 8 GPUs of 80 GiB, every other setting the spec default."""
+    spec = {
+        "model": {"preset": "eva-clip-18b"},
+        "data": {"train": "s3://bucket/train"},
+        "method": {"type": "full"},
+        "resources": {"nodes": 1, "gpusPerNode": 8, "gpuMemoryGib": 80},
+        "output": "s3://bucket/out",
+        **overrides,
+    }
+    return parse_resource({
+        "apiVersion": "training.evaclip.io/v1alpha1", "kind": "EvaClipFinetune",
+        "metadata": {"name": "plan-default"}, "spec": spec,
+    })
+
+
+def test_acceptance_18b_full_on_8x80_with_defaults_needs_zero3_or_offload() -> None:
+    resource = _default_18b()
+    assert resource.spec.deepspeed.zero_stage == 2 and resource.spec.training.batch_size == 32
+    result = planner.plan(resource)
+    assert not result.fits
+    # On these 8 GPUs, with a useful batch, only ZeRO-3 or offload fits; checkpointing alone
+    # does not (the model state of ZeRO-2 is about 70 GiB of the 72 usable).
+    same_gpus = [ch.updates for ch in result.advice
+                 if "resources.nodes" not in ch.updates
+                 and ch.updates.get("training.batch_size", 32) >= 4]
+    assert same_gpus and all(
+        u.get("deepspeed.zero_stage") == 3 or u.get("deepspeed.offload_optimizer") == "cpu"
+        for u in same_gpus)
+    assert not planner.plan(_default_18b(deepspeed={"activationCheckpointing": True})).fits
+    first = result.advice[0]
+    assert first.plan.fits and first.plan.spec.deepspeed.zero_stage == 3
+    table = result.table()
+    assert "Does not fit" in table
+    assert f"Smallest change that fits: {first.description}" in table
+    # Under ZeRO-3 the model state is DESIGN.md's 16 B per parameter over 8 GPUs, ~35 GB.
+    zero3 = first.plan
+    assert zero3.weights + zero3.gradients + zero3.optimizer == pytest.approx(35e9, rel=0.10)
+
+
+def test_zero2_model_state_is_deepspeeds_own_estimate() -> None:
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    result = planner.plan(_default_18b())
+    n = result.counts.total
+    _, gpu = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=8, num_nodes=1,
+                                                   cpu_offload=False)
+    assert result.weights + result.gradients + result.optimizer == pytest.approx(gpu, rel=1e-6)
+    off = planner.plan(_default_18b(deepspeed={"offloadOptimizer": "cpu"}))
+    _, gpu_off = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=8, num_nodes=1,
+                                                       cpu_offload=True)
+    # With offload DeepSpeed counts only the 16-bit weights on the GPU; the 16-bit gradient
+    # partition (2 B / 8) stays there too.
+    assert off.weights + off.optimizer == pytest.approx(gpu_off, rel=1e-6)
+    assert off.gradients == n * 2 // 8
+
+
+def test_host_memory_is_checked_for_gpu_jobs_when_set() -> None:
+    offload = {"zeroStage": 3, "activationCheckpointing": True, "offloadOptimizer": "cpu",
+               "offloadParameters": "cpu"}
+    small = planner.plan(_resource(deepspeed=offload,
+                                   resources={"memory": "64Gi"}))
+    assert small.total <= small.usable  # the GPUs would hold it
+    assert small.host_per_node > 200 * 2**30 and not small.host_fits and not small.fits
+    table = small.table()
+    assert "Does not fit" in table and "host memory" in table
+    changes = [ch.updates for ch in small.advice]
+    assert {"resources.memory": "256Gi"} in changes
+    assert any(set(u) == {"resources.nodes"} for u in changes)
+    assert all(ch.plan.fits and ch.plan.host_fits for ch in small.advice)
+    with pytest.raises(UserError, match=r"^spec\.resources\.memory: .*host memory per node"):
+        planner.require_fit(small.spec)
+    assert planner.plan(_resource(deepspeed=offload, resources={"memory": "256Gi"})).fits
+    unset = planner.plan(_resource(deepspeed=offload))
+    assert unset.fits
+    assert "not checked (resources.memory is not set)" in unset.table()
+    assert "at least 256Gi" in unset.table()
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ({"zero_optimization": {"stage": 3}}, "spec.deepspeed.zeroStage"),
+    ({"fp16": {"enabled": True}}, "spec.model.precision"),
+    ({"bf16": {"enabled": False}}, "spec.model.precision"),
+    ({"train_batch_size": 1000}, "spec.training.batchSize"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+     "spec.deepspeed.offloadOptimizer"),
+    ({"gradient_clipping": 0.5}, "spec.training.gradientClipping"),
+])
+def test_deepspeed_overrides_of_spec_fields_are_refused(override, field) -> None:
+    with pytest.raises(UserError) as err:
+        planner.plan(_resource(deepspeed={"config": override}))
+    text = str(err.value)
+    assert text.startswith("spec.deepspeed.config: ") and field in text and "\n" not in text
+
+
+def test_other_deepspeed_overrides_are_planned_as_before() -> None:
+    base = planner.plan(_resource())
+    tuned = planner.plan(_resource(deepspeed={"config": {
+        "zero_optimization": {"reduce_bucket_size": 1000,
+                              "offload_optimizer": {"pin_memory": False}},
+        "bf16": {"immediate_grad_update": True}}}))
+    assert tuned.total == base.total
+
+
+def test_advice_lists_each_set_of_changes_once() -> None:
+    result = planner.plan(_resource(deepspeed={"activationCheckpointing": False}))
+    keys = [frozenset(ch.updates.items()) for ch in result.advice]
+    assert len(keys) == len(set(keys)) and len(keys) >= 2
+    # No suggestion merely adds to another one that fits alone.
+    assert not any(a < b for a in keys for b in keys)
+
+
+def test_cpu_plans_are_per_process_and_take_nproc(capsys, tmp_path) -> None:
+    cpu = dict(model={"preset": "eva-clip-18b-tiny", "precision": "fp32"},
+               resources={"nodes": 1, "gpusPerNode": 0, "memory": "8Gi"})
+    one, two = (planner.plan(_resource(**cpu), processes=k) for k in (1, 2))
+    assert (one.world_size, two.world_size) == (1, 2)
+    assert two.optimizer == one.optimizer // 2  # ZeRO-2 partitions over both processes
+    assert two.capacity < one.capacity  # the pod's memory is shared by its processes
+    doc = {"apiVersion": "training.evaclip.io/v1alpha1", "kind": "EvaClipFinetune",
+           "metadata": {"name": "p"},
+           "spec": _resource(**cpu).spec.model_dump(mode="json", by_alias=True)}
+    path = tmp_path / "cpu.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["plan", str(path), "--nproc", "2"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "2 local process(es)" in head and "world size 2" in head and "--nproc" in head
