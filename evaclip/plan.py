@@ -4,10 +4,12 @@
 activations and DeepSpeed buffers for the manifest's method, precision, ZeRO stage,
 offload, nodes x GPUs, batch size and activation checkpointing. Parameter counts come from
 the preset's tower built on the meta device (no weights, a fraction of a second even for
-eva-clip-18b); LoRA adapters are counted from the rank and the shapes of the target
-linears. When the estimate does not fit, candidate changes (checkpointing, a higher ZeRO
-stage, a smaller batch, more nodes, offload) are re-planned one at a time, then in pairs,
-and the ones that fit are reported, the least disruptive first.
+eva-clip-18b) or, where torch cannot be imported (the operator's image), from the same
+shapes committed in `evaclip/models/shapes.json`; LoRA adapters are counted from the rank
+and the shapes of the target linears. When the estimate does not fit, candidate changes
+(checkpointing, a higher ZeRO stage, a smaller batch, more nodes, offload, pod memory) are
+re-planned one at a time, then in pairs, and the ones that fit are reported, the least
+disruptive first.
 
 The arithmetic, per parameter (N = GPUs in the job):
 
@@ -53,10 +55,13 @@ plan that cannot fit; torch is imported only inside the functions that need it.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from evaclip.errors import UserError
@@ -115,12 +120,19 @@ def lora_targets(tower: Any, spec: EvaClipFinetuneSpec) -> list[tuple[str, Any]]
 
     regex = re.compile(lora_target_regex(spec))
     matched = [(n, m) for n, m in tower.named_modules() if n and regex.fullmatch(n)]
-    wrong = [n for n, m in matched if not isinstance(m, nn.Linear)]
+    check_lora_matches(spec, [n for n, _ in matched],
+                       [n for n, m in matched if not isinstance(m, nn.Linear)])
+    return matched
+
+
+def check_lora_matches(spec: EvaClipFinetuneSpec, matched: list[str],
+                       not_linear: list[str]) -> None:
+    """Refuse LoRA targets that match no module, or a module that is not a linear layer."""
     targets = spec.method.lora.target_modules
-    if wrong:
+    if not_linear:
         raise UserError(
-            f"spec.method.lora.targetModules: {targets} also matches {wrong[0]!r}, which is "
-            f"not a linear layer; narrow it to linears such as 'trunk.blocks.0.attn.qkv'"
+            f"spec.method.lora.targetModules: {targets} also matches {not_linear[0]!r}, which "
+            f"is not a linear layer; narrow it to linears such as 'trunk.blocks.0.attn.qkv'"
         )
     if not matched:
         raise UserError(
@@ -128,7 +140,6 @@ def lora_targets(tower: Any, spec: EvaClipFinetuneSpec) -> list[tuple[str, Any]]
             f"{spec.model.preset}; use qkv, proj, q_proj, k_proj, v_proj, fc1, fc2 or a "
             "regular expression over names like 'trunk.blocks.0.attn.qkv'"
         )
-    return matched
 
 
 def partial_trains(name: str, depth: int, trainable_blocks: int) -> bool:
@@ -199,11 +210,17 @@ class Counts:
 
 _Shape = tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int, int], ...]]
 
+# Parameter and module shapes of every preset's tower, for planning where torch is absent
+# (the operator's image). Regenerate with `python -m evaclip.plan --write-shapes` after a
+# preset or the tower code changes; tests/plan checks that it matches the meta towers.
+SHAPES_FILE = Path(__file__).resolve().parent / "models" / "shapes.json"
+_SHAPES_FORMAT = 1
+_BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)(?=\.|$)")
 
-@lru_cache(maxsize=64)
-def _tower_shape(preset: str) -> _Shape:
+
+def _meta_shape(preset: str) -> _Shape:
     """(name, numel) of every tower parameter; (name, in, out) of every module (0, 0 if
-    it is not a linear)."""
+    it is not a linear), from the preset's tower on the meta device."""
     from torch import nn
 
     from evaclip.models import build_tower
@@ -216,6 +233,106 @@ def _tower_shape(preset: str) -> _Shape:
         if n
     )
     return params, modules
+
+
+def _compress(shape: _Shape, depth: int) -> dict[str, Any]:
+    """One preset's shapes as templates of one block (`{i}` for the index) plus the rest.
+
+    A template goes into `block` only when every block 0..depth-1 has it with the same
+    numbers; anything else is listed whole under `other`, so expanding is always exact.
+    """
+    out: dict[str, Any] = {"depth": depth}
+    for kind, rows in (("params", shape[0]), ("modules", shape[1])):
+        groups: dict[str, dict[int, tuple[int, ...]]] = {}
+        other: list[list[Any]] = []
+        for name, *numbers in rows:
+            match = _BLOCK_INDEX.search(name)
+            if match is None:
+                other.append([name, *numbers])
+                continue
+            template = name[:match.start(1)] + "{i}" + name[match.end(1):]
+            groups.setdefault(template, {})[int(match.group(1))] = tuple(numbers)
+        block: list[list[Any]] = []
+        for template, by_index in groups.items():
+            values = set(by_index.values())
+            if sorted(by_index) == list(range(depth)) and len(values) == 1:
+                block.append([template, *values.pop()])
+            else:
+                other += [[template.replace("{i}", str(i)), *v] for i, v in by_index.items()]
+        out[kind] = {"block": block, "other": other}
+    return out
+
+
+def _expand(entry: dict[str, Any]) -> _Shape:
+    """The inverse of `_compress`."""
+    def rows(kind: str) -> list[tuple[Any, ...]]:
+        part = entry[kind]
+        found = [tuple(r) for r in part["other"]]
+        for template, *numbers in part["block"]:
+            found += [(template.replace("{i}", str(i)), *numbers) for i in range(entry["depth"])]
+        return found
+
+    return tuple(rows("params")), tuple(rows("modules"))  # type: ignore[return-value]
+
+
+def shape_table() -> dict[str, Any]:
+    """The shapes of every preset's tower, computed on the meta device (needs torch)."""
+    from evaclip.models.presets import PRESETS
+
+    if not _torch_importable():
+        raise RuntimeError("the shape table is computed from meta towers, which need torch")
+    return {
+        "format": _SHAPES_FORMAT,
+        "regenerate": "python -m evaclip.plan --write-shapes",
+        "presets": {name: _compress(_tower_shape(name), p.depth)
+                    for name, p in sorted(PRESETS.items())},
+    }
+
+
+def write_shapes(path: Path = SHAPES_FILE) -> Path:
+    """Write `shape_table()` to `path` (the committed evaclip/models/shapes.json), one
+    preset part per line so that a change shows as a short diff."""
+    table = shape_table()
+    lines = []
+    for name, entry in table["presets"].items():
+        parts = [f'   "{key}": {json.dumps(entry[key], sort_keys=True)}' for key in sorted(entry)]
+        lines.append(f'  "{name}": {{\n' + ",\n".join(parts) + "\n  }")
+    head = {k: v for k, v in table.items() if k != "presets"}
+    text = ("{\n" + "".join(f" {json.dumps(k)}: {json.dumps(v)},\n" for k, v in head.items())
+            + ' "presets": {\n' + ",\n".join(lines) + "\n }\n}\n")
+    json.loads(text)  # written by hand above: make sure it is JSON
+    path.write_text(text)
+    return path
+
+
+@lru_cache(maxsize=1)
+def _shape_file() -> dict[str, Any]:
+    table = json.loads(SHAPES_FILE.read_text())
+    if table.get("format") != _SHAPES_FORMAT:
+        raise RuntimeError(f"{SHAPES_FILE} has format {table.get('format')}, not "
+                           f"{_SHAPES_FORMAT}; regenerate it")
+    return table
+
+
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=64)
+def _tower_shape(preset: str) -> _Shape:
+    """(name, numel) of every tower parameter; (name, in, out) of every module (0, 0 if
+    it is not a linear): from the meta tower with torch, from shapes.json without."""
+    if _torch_importable():
+        return _meta_shape(preset)
+    entry = _shape_file()["presets"].get(preset)
+    if entry is None:
+        raise RuntimeError(f"{SHAPES_FILE} has no preset {preset!r} and torch is absent; "
+                           "regenerate it with `python -m evaclip.plan --write-shapes`")
+    return _expand(entry)
 
 
 def count(spec: EvaClipFinetuneSpec) -> Counts:
@@ -242,9 +359,9 @@ def count(spec: EvaClipFinetuneSpec) -> Counts:
         active = k
     elif method == "lora":
         regex = re.compile(lora_target_regex(spec))
-        hits = [(i, o) for name, i, o in linears if regex.fullmatch(name)]
-        if not hits or not all(i for i, _ in hits):
-            lora_targets(_meta_tower(preset.name), spec)  # raises the UserError
+        named = [(name, i, o) for name, i, o in linears if regex.fullmatch(name)]
+        check_lora_matches(spec, [n for n, _, _ in named], [n for n, i, _ in named if not i])
+        hits = [(i, o) for _, i, o in named]
         adapters = sum(spec.method.lora.rank * (i + o) for i, o in hits)
         tower_total += adapters
         trained, active = adapters, depth
@@ -256,12 +373,6 @@ def count(spec: EvaClipFinetuneSpec) -> Counts:
         largest_block=max(per_block.values(), default=0),
         active_blocks=active,
     )
-
-
-def _meta_tower(preset: str) -> Any:
-    from evaclip.models import build_tower
-
-    return build_tower(preset, device="meta")
 
 
 # --- the plan --------------------------------------------------------------------------
@@ -704,3 +815,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="CPU jobs (gpusPerNode 0): plan N local processes, as "
                    "`evaclip run --local --nproc N` starts (default 1)")
     p.set_defaults(func=_plan_command)
+
+
+if __name__ == "__main__":  # python -m evaclip.plan --write-shapes
+    if sys.argv[1:] != ["--write-shapes"]:
+        sys.exit("usage: python -m evaclip.plan --write-shapes")
+    print(f"Wrote {write_shapes()}.")

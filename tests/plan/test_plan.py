@@ -293,3 +293,72 @@ def test_cpu_plans_are_per_process_and_take_nproc(capsys, tmp_path) -> None:
     assert main(["plan", str(path), "--nproc", "2"]) == 0
     head = capsys.readouterr().out.splitlines()[0]
     assert "2 local process(es)" in head and "world size 2" in head and "--nproc" in head
+
+
+# --- planning without torch: the committed shape table ---------------------------------
+
+
+def test_shape_table_matches_the_meta_towers_of_every_preset() -> None:
+    """Fails when evaclip/models/shapes.json is stale; regenerate it with
+    `python -m evaclip.plan --write-shapes`."""
+    import json
+
+    committed = json.loads(planner.SHAPES_FILE.read_text())
+    assert set(committed["presets"]) == set(PRESETS)
+    for name in PRESETS:
+        meta = planner._tower_shape(name)  # torch is here: the meta tower
+        table = planner._expand(committed["presets"][name])
+        assert sorted(table[0]) == sorted(meta[0]), f"{name}: parameters differ"
+        assert sorted(table[1]) == sorted(meta[1]), f"{name}: modules differ"
+
+
+_NO_TORCH = """
+import json, sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from evaclip import plan
+from evaclip.errors import UserError
+from evaclip.manifest import parse_resource
+out = {}
+for key, doc in json.loads(sys.stdin.read()).items():
+    try:
+        r = plan.plan(parse_resource(doc))
+        out[key] = [r.counts.total, r.counts.trained, r.total, r.fits,
+                    [c.description for c in r.advice]]
+    except UserError as err:
+        out[key] = str(err)
+assert sys.modules["torch"] is None
+print(json.dumps(out))
+"""
+
+
+def test_plans_without_torch_equal_those_with_it() -> None:
+    import json
+    import subprocess
+    import sys
+
+    cases = {
+        "full-18b": _resource(),
+        "default-18b": _default_18b(),
+        "lora-e14": _resource(model={"preset": "eva02-clip-e14-plus"},
+                              method={"type": "lora", "lora": {"includeMlp": True}}),
+        "partial-8b": _resource(model={"preset": "eva-clip-8b"},
+                                method={"type": "partial", "partial": {"trainableBlocks": 3}}),
+        "lora-nothing": _resource(method={"type": "lora",
+                                          "lora": {"targetModules": ["nothing_here"]}}),
+        "lora-conv": _resource(method={"type": "lora", "lora": {"targetModules": [r".*\.proj"]}}),
+    }
+    docs = {k: r.model_dump(mode="json", by_alias=True) for k, r in cases.items()}
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH], input=json.dumps(docs),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    without = json.loads(proc.stdout)
+    for key, resource in cases.items():
+        try:
+            r = planner.plan(resource)
+            expected = [r.counts.total, r.counts.trained, r.total, r.fits,
+                        [c.description for c in r.advice]]
+        except UserError as err:
+            expected = str(err)
+        assert without[key] == expected, key
+    assert "matches no linear layer" in without["lora-nothing"]
+    assert "not a linear layer" in without["lora-conv"]
