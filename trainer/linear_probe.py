@@ -161,8 +161,9 @@ def extract_features(ctx: JobContext, tower: Any, dataset: ImageDataset,
     if ctx.is_primary:
         good = full.images - full.bad.total
         rate = good / full.seconds if full.seconds else float("nan")
-        log.info("Computed %d %s features in %s (%.1f images/s over %d ranks).", good,
-                 dataset.name, format_duration(full.seconds), rate, ctx.world_size)
+        ranks = f"{ctx.world_size} rank{'s' if ctx.world_size != 1 else ''}"
+        log.info("Computed %d %s features in %s (%.1f images/s over %s).", good,
+                 dataset.name, format_duration(full.seconds), rate, ranks)
     return full
 
 

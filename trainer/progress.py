@@ -53,9 +53,10 @@ def describe(report: Report) -> str:
     parts = []
     if p.get("epochs"):
         parts.append(f"epoch {p.get('epoch', 0)}/{p['epochs']}")
-    if unit != "epochs" or not p.get("epochs"):
+    if unit is not None and (unit != "epochs" or not p.get("epochs")):  # None: no loop
         parts.append(f"{p.get('step', 0)}/{p.get('totalSteps', 0)} {unit}")
-    text = f"{stage}: {', '.join(parts)} ({p.get('percentText') or '0%'} of the run)"
+    head = f"{stage}: {', '.join(parts)}" if parts else stage
+    text = f"{head} ({p.get('percentText') or '0%'} of the run)"
     rate = report.get("unit", {}).get("value")
     if rate is not None:
         text += f", {rate:.1f} {unit}/s"
@@ -93,7 +94,8 @@ class Reporter:
                                          "total_steps": 0, "percent": 0.0}
         self.metrics: dict[str, float | None] = {}
         self._span = (0.0, 100.0)
-        self._unit = "images"
+        self._unit: str | None = "images"
+        self._closed = False
         self._rate: float | None = None
         self._started = self.clock()
         self._last_push: float | None = None
@@ -103,8 +105,9 @@ class Reporter:
 
     def begin(self, stage: str, total: int, *, unit: str = "images",
               span: tuple[float, float] | None = None, epochs: int = 0) -> None:
-        """Start a loop of `total` units (images, steps) for `stage`."""
-        self.progress.update(stage=stage, step=0, total_steps=int(total), epochs=epochs,
+        """Start a loop of `total` units (images, steps) for `stage`; a negative total (a
+        run resumed past its end) counts as none."""
+        self.progress.update(stage=stage, step=0, total_steps=max(0, int(total)), epochs=epochs,
                              epoch=0, images_per_second=None, eta_seconds=None)
         if span is not None:
             self._span = span
@@ -128,9 +131,11 @@ class Reporter:
         self.metrics.update({k: (None if v is None else float(v)) for k, v in metrics.items()})
 
     def stage(self, stage: str, percent: float | None = None) -> None:
-        """Move to a stage without a counted loop (download, publish)."""
+        """Move to a stage without a counted loop (download, publish); the log lines of
+        this stage leave out the counts of the loop before it."""
         self.progress.update(stage=stage, images_per_second=None, eta_seconds=None)
         self._rate = None
+        self._unit = None
         if percent is not None:
             self.progress["percent"] = round(float(percent), 1)
 
@@ -172,7 +177,15 @@ class Reporter:
         return True
 
     def close(self, stage: str = "done") -> None:
-        """Push the final record, whatever the throttle says."""
+        """Push the final record once, whatever the throttle says; later calls do nothing.
+
+        A run that is done has done all its epochs (a run resumed at its end counts none).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if stage == "done" and self.progress["epochs"]:
+            self.progress["epoch"] = self.progress["epochs"]
         self.stage(stage, percent=100.0)
         self.push(force=True)
 

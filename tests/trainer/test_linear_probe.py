@@ -118,3 +118,13 @@ def test_evaluate_counts_per_class_and_the_confusion_matrix() -> None:
     assert m["top1"] == 0.75
     assert m["confusionMatrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
     assert m["perClassAccuracy"] == {"a": 1.0, "b": 1.0, "c": 0.5}
+
+
+def test_one_rank_is_logged_in_the_singular(tmp_path, make_ctx, tower, caplog) -> None:
+    write_folder(tmp_path / "train", {"a": 3, "b": 3})
+    ctx = make_ctx(data={"train": str(tmp_path / "train")})
+    train, _, _ = build_datasets(ctx)
+    with caplog.at_level("INFO", logger="evaclip.trainer"):
+        linear_probe.extract_features(ctx, tower, train, (0.0, 90.0))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Computed"))
+    assert line.endswith(" images/s over 1 rank)."), line

@@ -100,3 +100,34 @@ def test_durations_read_as_text() -> None:
     assert format_duration(185) == "3 min 05 s"
     assert format_duration(7620) == "2 h 07 min"
     assert format_duration(None) == "unknown"
+
+
+def test_the_final_line_is_logged_once_without_the_counts_of_the_last_loop() -> None:
+    clock = Clock()
+    reporter, seen = make(clock)
+    reporter.begin("train", 11776, span=(5.0, 95.0), epochs=3)
+    clock.now += 60
+    reporter.advance(11504, epoch=3, train_loss=1.25, val_top1=0.75)
+    reporter.stage("publish", percent=96.0)
+    reporter.close()
+    reporter.close()  # a second close (an error path, a finally) adds nothing
+    assert [r["progress"]["stage"] for r in seen] == ["train", "done"]
+    assert describe(seen[-1]) == "Done: epoch 3/3 (100% of the run), loss 1.2500, val top-1 0.750."
+
+
+def test_a_run_resumed_past_its_end_reports_no_negative_counts() -> None:
+    clock = Clock()
+    reporter, seen = make(clock)
+    reporter.begin("train", (69 - 126) * 64, span=(5.0, 95.0), epochs=3)  # resumed at step 126
+    reporter.advance(0)
+    assert seen[-1]["progress"]["totalSteps"] == 0
+    assert describe(seen[-1]) == "Train: epoch 0/3, 0/0 images (5% of the run)."
+    reporter.close()
+    assert describe(seen[-1]) == "Done: epoch 3/3 (100% of the run)."
+
+
+def test_a_stage_without_a_loop_is_described_without_counts() -> None:
+    reporter, seen = make(Clock())
+    reporter.stage("download", 0.0)
+    reporter.push(force=True)
+    assert describe(seen[-1]) == "Download (0% of the run)."
