@@ -142,10 +142,11 @@ class Classifier(nn.Module):
 def prepare_for_lora(tower: EvaClipTower) -> EvaClipTower:
     """Route the fused qkv projection through its module, so LoRA on `qkv` takes effect.
 
-    With a q/v bias (eva02-clip-e14 towers) timm's Eva calls `F.linear` on the qkv weight
-    itself, bypassing a LoRA wrapper around the module; the separate-bias path is the same
-    arithmetic through the module. Call it on a fresh tower before
-    `PeftModel.from_pretrained` as well; towers without a qkv bias are unaffected.
+    With a q/v bias (eva02-clip-e14 towers) timm's Eva by default calls `F.linear` on the
+    qkv weight itself, bypassing a LoRA wrapper around the module; the separate-bias path
+    is the same arithmetic through the module. `build_tower` already sets it on every
+    tower it builds; this keeps towers built otherwise (timm directly) working too.
+    Towers without a qkv bias are unaffected.
     """
     for block in tower.trunk.blocks:
         if hasattr(block.attn, "qkv_bias_separate"):

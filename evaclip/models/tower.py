@@ -114,10 +114,25 @@ def build_tower(
             f"preset {preset.name!r}: timm built MLP hidden {_mlp_hidden(trunk)}, "
             f"expected {preset.mlp_hidden}"
         )
+    _route_qkv_through_module(trunk)
     tower = EvaClipTower(preset, trunk)
     if torch.device(device).type != "meta":
         init_random_weights(tower, seed=seed, device=device)
     return tower
+
+
+def _route_qkv_through_module(trunk: Eva) -> None:
+    """Make attention with a q/v bias call its `qkv` module, then add the bias.
+
+    By default timm's Eva applies the fused qkv weight and the bias with one `F.linear`,
+    reading `attn.qkv.weight` directly: a wrapper around `attn.qkv` (a LoRA adapter) would
+    be skipped without a word. The separate-bias path computes the same projection plus
+    the same bias through the module, so every tower built here takes adapters.
+    """
+    for block in trunk.blocks:
+        attn = block.attn
+        if getattr(attn, "q_bias", None) is not None and hasattr(attn, "qkv_bias_separate"):
+            attn.qkv_bias_separate = True
 
 
 def is_meta(module: nn.Module) -> bool:

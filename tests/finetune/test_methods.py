@@ -121,8 +121,8 @@ def test_full_weights_are_sharded_with_an_index(tmp_path) -> None:
 
 
 def test_saved_adapter_loads_onto_a_fresh_tower_with_a_qkv_bias(tmp_path) -> None:
-    """peft on a fresh eva02-clip-e14 tower reproduces the trained tower only after
-    prepare_for_lora; without it the qkv adapters are silently skipped."""
+    """peft on a fresh eva02-clip-e14 tower from build_tower reproduces the trained tower,
+    with or without prepare_for_lora."""
     from peft import PeftModel
 
     from evaclip.trainer.finetune import prepare_for_lora
@@ -138,9 +138,42 @@ def test_saved_adapter_loads_onto_a_fresh_tower_with_a_qkv_bias(tmp_path) -> Non
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         expected = model.tower.eval()(x)
+        bare_tower = build_tower("eva02-clip-e14-tiny", device="cpu")
+        without_adapter = bare_tower.eval()(x)
+        assert not torch.allclose(without_adapter, expected, atol=1e-4)  # adapters matter
         fresh = prepare_for_lora(build_tower("eva02-clip-e14-tiny", device="cpu"))
         loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).eval()
         assert torch.allclose(loaded(x), expected, atol=1e-6)
-        bare = PeftModel.from_pretrained(build_tower("eva02-clip-e14-tiny", device="cpu"),
-                                         str(tmp_path / "adapter")).eval()
-        assert not torch.allclose(bare(x), expected, atol=1e-4)
+        bare = PeftModel.from_pretrained(bare_tower, str(tmp_path / "adapter")).eval()
+        assert torch.allclose(bare(x), expected, atol=1e-6)
+
+
+def test_build_tower_routes_a_qkv_bias_through_the_module_with_unchanged_outputs() -> None:
+    """Towers with a q/v bias call attn.qkv (so LoRA wraps it); the outputs are those of
+    timm's default fused F.linear path."""
+    tower = build_tower("eva02-clip-e14-tiny", device="cpu", seed=1).eval()
+    attns = [b.attn for b in tower.trunk.blocks]
+    assert all(a.q_bias is not None and a.qkv_bias_separate for a in attns)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        routed = tower(x)
+        for a in attns:
+            a.qkv_bias_separate = False  # timm's default
+        fused = tower(x)
+    assert torch.allclose(routed, fused, rtol=1e-5, atol=1e-6)
+    # Towers without a qkv bias keep timm's default (there is no bias to route).
+    plain = build_tower("eva-clip-18b-tiny", device="meta")
+    assert all(b.attn.q_bias is None for b in plain.trunk.blocks)
+
+
+def test_lora_on_a_qkv_bias_tower_gets_gradients_without_prepare_for_lora() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    tower = build_tower("eva02-clip-e14-tiny", device="cpu", seed=0)
+    model = get_peft_model(tower, LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "qkv"], bias="none"))
+    model.train()
+    model(torch.randn(2, 3, 112, 112)).square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert len(grads) == len(tower.trunk.blocks)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
