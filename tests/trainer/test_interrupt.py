@@ -165,3 +165,42 @@ def test_workers_deaf_to_signals_are_killed_after_the_grace_period(tmp_path: Pat
     assert time.monotonic() - started < 15
     # Their parent left them behind; supervise() still ended them.
     assert not [pid for pid in children if _alive(pid)]
+
+
+# --- what the user is told ---------------------------------------------------------------
+
+
+def test_the_message_names_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    from evaclip.manifest import parse_resource
+    from evaclip.storage import Storage
+    from evaclip.trainer.checkpointing import COMPLETE
+    from evaclip.trainer.launch import _resume_hint
+
+    from .conftest import manifest
+
+    out = tmp_path / "out"
+    resource = parse_resource(manifest(method={"type": "lora"}, output=str(out)))
+    storage = Storage(cache_dir=tmp_path / "cache")
+    assert _resume_hint(resource, storage, tmp_path / "work") == ""  # nothing saved yet
+    for step, complete in ((10, True), (20, True), (30, False)):  # 30: cut short
+        folder = out / "checkpoints" / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "engine.pt").write_bytes(b"x")
+        if complete:
+            (folder / COMPLETE).write_text("{}")
+    assert _resume_hint(resource, storage, tmp_path / "work") == (
+        f"the same command resumes from checkpoint {out}/checkpoints/step-00000020 (step 20)")
+
+
+def test_cli_prints_interrupted_and_the_hint_and_exits_130(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from evaclip import cli
+    from evaclip.trainer import launch
+
+    def stopped(*args: object, **kwargs: object) -> dict:
+        raise launch.RunInterrupted("the same command resumes from checkpoint X (step 20)")
+
+    monkeypatch.setattr(launch, "run_local", stopped)
+    assert cli.main(["run", "job.yaml", "--local"]) == 130
+    assert capsys.readouterr().err == (
+        "interrupted; the same command resumes from checkpoint X (step 20)\n")
