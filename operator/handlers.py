@@ -413,7 +413,7 @@ def _temporary(err: Exception, config: OperatorConfig) -> kopf.TemporaryError:
 def build_registry(
     config: OperatorConfig,
     metrics: OperatorMetrics,
-    kube_factory: Callable[[], Kube] = Kube,
+    kube_factory: Callable[[], Kube] | None = None,
     restart: Callable[[str], None] | None = None,
 ) -> kopf.OperatorRegistry:
     """All handlers, registered on a registry of their own (no import-time globals).
@@ -428,7 +428,7 @@ def build_registry(
 
     def reconciler() -> Reconciler:
         if "r" not in state:
-            kube = kube_factory()
+            kube = kube_factory() if kube_factory else Kube(pool_size=config.max_workers + 4)
             state["r"] = Reconciler(
                 kube, launcher_cls(kube, config), config, metrics, restart=restart
             )

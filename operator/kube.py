@@ -19,10 +19,23 @@ TIMEOUT = (5.0, 30.0)  # connect, read: no call waits forever
 class Kube:
     """Dict-in, dict-out access to the API, sharing one connection pool."""
 
-    def __init__(self, api_client: Any | None = None) -> None:
+    def __init__(self, api_client: Any | None = None, *, pool_size: int | None = None) -> None:
+        """`pool_size`: HTTP connections kept open; at least the number of handler threads.
+
+        The client's default (5 per CPU) is smaller than the operator's thread pool on
+        small nodes: under a burst, every thread beyond it opened and dropped a connection
+        per request, which costs both sides a TCP handshake each time.
+        """
         import kubernetes.client
 
-        self.client = api_client or kubernetes.client.ApiClient()
+        if api_client is None:
+            configuration = kubernetes.client.Configuration.get_default_copy()
+            if pool_size:
+                configuration.connection_pool_maxsize = max(
+                    configuration.connection_pool_maxsize or 0, pool_size
+                )
+            api_client = kubernetes.client.ApiClient(configuration)
+        self.client = api_client
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
 
