@@ -202,6 +202,9 @@ class Counts:
     largest_block: int
     # Blocks that keep activations for backward (from the first trained block upward).
     active_blocks: int
+    # Parameters of the classifier head (part of total and trained), and its classes.
+    head: int = 0
+    classes: int = 0
 
     @property
     def frozen(self) -> int:
@@ -372,6 +375,8 @@ def count(spec: EvaClipFinetuneSpec) -> Counts:
         trained=trained + head,
         largest_block=max(per_block.values(), default=0),
         active_blocks=active,
+        head=head,
+        classes=classes,
     )
 
 
@@ -465,7 +470,8 @@ class Plan:
             f"Plan for {s.model.preset}, method {s.method.type}, {s.model.precision}, "
             f"{zero}, {layout}, batch {s.training.batch_size} per {self.device}",
             f"Parameters: {c.total / 1e9:.3f} B total, {c.trained / 1e9:.3f} B trained, "
-            f"{c.frozen / 1e9:.3f} B frozen",
+            f"{c.frozen / 1e9:.3f} B frozen (tower {c.total - c.head:,}, head {c.head:,} for "
+            f"{c.classes} {'classes' if s.data.class_names else 'assumed classes'})",
             "",
             f"{'per ' + self.device:<22}{'GiB':>10}{'GB':>10}",
         ]

@@ -201,6 +201,8 @@ def test_acceptance_18b_full_on_8x80_with_defaults_needs_zero3_or_offload() -> N
     table = result.table()
     assert "Does not fit" in table
     assert f"Smallest change that fits: {first.description}" in table
+    # The tower count is the one `evaclip model info` prints; the head comes on top.
+    assert f"tower {count_parameters('eva-clip-18b'):,}, head " in table
     # Under ZeRO-3 the model state is DESIGN.md's 16 B per parameter over 8 GPUs, ~35 GB.
     zero3 = first.plan
     assert zero3.weights + zero3.gradients + zero3.optimizer == pytest.approx(35e9, rel=0.10)
@@ -362,3 +364,19 @@ def test_plans_without_torch_equal_those_with_it() -> None:
         assert without[key] == expected, key
     assert "matches no linear layer" in without["lora-nothing"]
     assert "not a linear layer" in without["lora-conv"]
+
+
+def test_plan_outputs_quoted_in_the_docs_are_the_tools(tmp_path, capsys) -> None:
+    """docs/finetuning.md quotes `evaclip plan X.yaml` for manifests it shows as
+    ```yaml # X.yaml```; each quote must be what the tool prints for that manifest."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "finetuning.md").read_text()
+    manifests = dict(re.findall(r"```yaml\n# (\S+\.yaml)\n(.*?)```", doc, re.S))
+    quoted = re.findall(r"```\n\$ evaclip plan (\S+\.yaml)\n(.*?)```", doc, re.S)
+    assert len(quoted) >= 2
+    for name, output in quoted:
+        (tmp_path / name).write_text(manifests[name])
+        main(["plan", str(tmp_path / name)])
+        assert capsys.readouterr().out == output, name
