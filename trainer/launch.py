@@ -344,13 +344,13 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
     from evaclip.manifest import load_manifest
     from evaclip.trainer.context import check_weights
 
+    if nproc is not None and nproc < 1:  # 0 is a mistake, not "the default"
+        raise UserError(f"--nproc: got {nproc}; use 1 or more processes")
     resource = load_manifest(manifest)
     staged = [Stage.parse(s) for s in stages]
     check_plan(resource)
     if nproc is None:
         nproc = resource.spec.resources.gpus_per_node or 1
-    if nproc < 1:
-        raise UserError(f"--nproc: got {nproc}; use 1 or more processes")
     work = Path(workdir or Path(".cache") / "evaclip" / "runs" / resource.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
     output = resource.spec.output
