@@ -223,7 +223,8 @@ class CheckpointManager:
             named = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
             what = f"a different job (settings that differ: {named or 'none named'})"
         else:
-            what = "a job whose settings it does not record (an earlier evaclip version)"
+            what = ("a different job, or of one whose settings they do not record (written "
+                    "by an earlier evaclip version)")
         raise UserError(
             f"spec.output: {self.root_uri} holds checkpoints of {what}, up to step {step}; "
             f"this job cannot resume from them: set spec.output to a new URI, or delete "

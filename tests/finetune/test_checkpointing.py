@@ -164,5 +164,5 @@ def test_checkpoint_without_a_fingerprint_is_refused(tmp_path) -> None:
     output = str(tmp_path / "out")
     engine = FileWritingEngine()
     _manager(tmp_path, output).save(engine, 5, {"step": 5})  # records no job settings
-    with pytest.raises(UserError, match=r"^spec\.output: .*does not record"):
+    with pytest.raises(UserError, match=r"^spec\.output: .*different job.*do not record"):
         _job_manager(tmp_path, output, _spec("digits-lora.yaml")).check_job()
