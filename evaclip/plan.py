@@ -449,7 +449,7 @@ class Plan:
         offload = f", offload {'+'.join(off)}" if off else ""
         return (
             f"ZeRO-{s.deepspeed.zero_stage}{offload}{ckpt}, {s.resources.nodes} x "
-            f"{max(1, s.resources.gpus_per_node)} {self.device}s, batch "
+            f"{self.processes} {'GPUs' if self.device == 'GPU' else 'processes'}, batch "
             f"{s.training.batch_size}: {_gib(self.total)} per {self.device}"
         )
 
@@ -786,10 +786,13 @@ def require_fit(resource: EvaClipFinetune | EvaClipFinetuneSpec, processes: int 
     if result.advice:
         hint = f"smallest change that fits: {result.advice[0].description}"
     else:
+        more = "use GPUs with more memory" if result.device == "GPU" else \
+            "raise resources.memory or use fewer processes"
         hint = "no single or paired change of ZeRO stage, offload, nodes, batch size or " \
-               "checkpointing fits; use GPUs with more memory"
+               f"checkpointing fits; {more}"
+    where = "gpuMemoryGib" if result.device == "GPU" else "memory"
     raise UserError(
-        f"spec.resources.gpuMemoryGib: the job needs {_gib(result.total)} per "
+        f"spec.resources.{where}: the job needs {_gib(result.total)} per "
         f"{result.device} but {_gib(result.usable or 0)} is usable ({result.summary()}); "
         f"{hint}; see `evaclip plan`"
     )
