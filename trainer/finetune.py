@@ -23,10 +23,12 @@ and `cleanup`; `run(ctx)` drives it. What it supports and the spec keys behind e
   complete one at the same step, learning-rate position and data order: the sampler's
   epoch is restored, the batches already done in that epoch are skipped (they are still
   read and decoded, which costs data-loading time), and the random state of the
-  augmentation is re-seeded per epoch from `training.seed`.
+  augmentation is re-seeded per epoch from `training.seed`. Only a checkpoint that this
+  job wrote is resumed (its recorded job fingerprint must match, `checkpointing.py`);
+  another job's checkpoints under the same output stop the job at start-up.
 - Outputs under `spec.output`: `head.safetensors` and `head.json`; lora `adapter/`
   (`adapter_config.json`, `adapter_model.safetensors`) for
-  `peft.PeftModel.from_pretrained(prepare_for_lora(build_tower(preset...)), ".../adapter")`,
+  `peft.PeftModel.from_pretrained(build_tower(preset...), ".../adapter")`,
   that is, onto the `EvaClipTower` (module names `trunk.blocks.N.attn.qkv`); partial
   `weights/trained.safetensors` (the trained tower tensors, `trunk.*` names); full the
   whole tower in `weights/` (one `model.safetensors`, or shards past 5 GB with
