@@ -14,8 +14,9 @@ Prints p50 / p95 / max of that latency, the time until the last job existed, and
 operator's peak RSS, with the targets (p95 <= 1 s, RSS <= 200 MB). The emulator runs on
 the same CPUs as the operator, so the figures are an upper bound for one machine.
 
-`--plan-check off` (the default) matches the operator image, which has no torch: the
-memory planner imports torch and timm (about 800 MB) and only runs where they exist.
+`--plan-check off` (the default) leaves the memory planner out: in this virtual
+environment it would import torch and timm (about 800 MB), which the operator image does
+not have (there it reads the committed tower shapes instead).
 """
 
 from __future__ import annotations

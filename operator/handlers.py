@@ -444,11 +444,12 @@ def build_registry(
         from kubernetes.client import CoreV1Api, CustomObjectsApi  # noqa: F401
 
         if config.checks_plan:
-            # The planner imports torch once (seconds); do it before the first resource.
+            # Where torch is installed the planner builds meta towers (seconds to import);
+            # elsewhere it reads the committed shape table. Load it before the first resource.
             logger.info("Loading the memory planner for fit checks.")
             import evaclip.plan  # noqa: F401
         else:
-            logger.info("Memory-fit checks are off (EVACLIP_PLAN_CHECK, or torch is absent).")
+            logger.info("Memory-fit checks are off (EVACLIP_PLAN_CHECK=off).")
 
     def run(body: Any, *, fresh: bool, handler: str) -> None:
         with metrics.timed(handler, expected):

@@ -120,12 +120,12 @@ class OperatorConfig:
 
     @property
     def checks_plan(self) -> bool:
-        """Whether jobs are checked for GPU-memory fit before they are created."""
-        if self.plan_check == "auto":
-            import importlib.util
+        """Whether jobs are checked for GPU-memory fit before they are created.
 
-            return importlib.util.find_spec("torch") is not None
-        return self.plan_check == "on"
+        `auto` means on: the planner needs no torch (it reads the committed tower shapes
+        where torch is absent, as in the operator image), so only `off` skips the check.
+        """
+        return self.plan_check != "off"
 
 
 def _split(value: str) -> tuple[str, ...]:

@@ -162,13 +162,11 @@ def s3_uris(resource: EvaClipFinetune, stages: Sequence[Stage] = ()) -> list[str
     return [u for u in uris if u and is_s3(u)]
 
 
-def check_plan(resource: EvaClipFinetune) -> None:
+def check_plan(resource: EvaClipFinetune, processes: int) -> None:
     """Refuse a job whose memory plan does not fit, before anything starts."""
-    from evaclip import plan
+    from evaclip.plan import require_fit
 
-    require_fit = getattr(plan, "require_fit", None)
-    if require_fit is not None:
-        require_fit(resource)
+    require_fit(resource, processes=processes)
 
 
 def _start_store(stack: ExitStack, resource: EvaClipFinetune, uris: Sequence[str],
@@ -348,9 +346,9 @@ def run_local(manifest: str | Path, *, nproc: int | None = None, stages: Sequenc
         raise UserError(f"--nproc: got {nproc}; use 1 or more processes")
     resource = load_manifest(manifest)
     staged = [Stage.parse(s) for s in stages]
-    check_plan(resource)
     if nproc is None:
         nproc = resource.spec.resources.gpus_per_node or 1
+    check_plan(resource, nproc)
     work = Path(workdir or Path(".cache") / "evaclip" / "runs" / resource.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
     output = resource.spec.output
