@@ -3,16 +3,18 @@
 The learning rates the spec accepts (at most 10) cannot make a small tower diverge in fp32,
 so the fault is injected where it happens in practice: the frozen weights turn bad
 between two runs of the same job (a damaged re-upload of `model.weights`). Run A trains a
-`partial` job for one epoch on good weights and checkpoints; run B, the same job with two
-epochs, resumes from A's newest checkpoint (which, for partial training, holds only the
-trained blocks) on weights with one infinite value, so its first loss is not finite. B
-must stop on every rank with one line naming the problem, before any backward or
-optimizer step, and leave the checkpoint set exactly as A left it.
+`partial` job on good weights and is interrupted (SIGINT) after its first checkpoint; the
+weights object is then overwritten with a copy holding one infinite value, and run B, the
+same command, resumes from A's newest complete checkpoint (which, for partial training,
+holds only the trained blocks), so its first loss is not finite. B must stop on every
+rank with one line naming the problem, before any backward or optimizer step, and leave
+A's complete checkpoints exactly as they were and add none.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -67,17 +69,43 @@ def _manifest(path: Path, store: EmbeddedS3, weights: str, output: str, epochs: 
     return path
 
 
-def _run(manifest: Path, work: Path, store: EmbeddedS3) -> subprocess.CompletedProcess[str]:
+def _env(store: EmbeddedS3) -> dict[str, str]:
     env = {**os.environ, **store.env(), "DS_ACCELERATOR": "cpu"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    return subprocess.run([*EVACLIP, "run", str(manifest), "--local", "--nproc", "2",
-                           "--workdir", str(work)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, check=False)
+    return env
+
+
+def _command(manifest: Path, work: Path) -> list[str]:
+    return [*EVACLIP, "run", str(manifest), "--local", "--nproc", "2", "--workdir", str(work)]
+
+
+def _run(manifest: Path, work: Path, store: EmbeddedS3) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_command(manifest, work), env=_env(store), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def _run_until_first_checkpoint(manifest: Path, work: Path, store: EmbeddedS3) -> int:
+    """Start the job, SIGINT it once a checkpoint is saved; return its exit code."""
+    proc = subprocess.Popen(_command(manifest, work), env=_env(store), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "Saved checkpoint" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert any("Saved checkpoint" in line for line in seen), "".join(seen)[-3000:] + rest
+    return proc.returncode
 
 
 def _checkpoints(store: EmbeddedS3, output: str) -> dict[str, int]:
-    """Every object under <output>/checkpoints/ with its size."""
-    return {o.relpath: o.size for o in store.storage().list(join_uri(output, "checkpoints"))}
+    """Every object of a complete checkpoint under <output>/checkpoints/, with its size."""
+    objects = {o.relpath: o.size
+               for o in store.storage().list(join_uri(output, "checkpoints"))}
+    complete = {p.split("/")[0] for p in objects if p.endswith("/COMPLETE")}
+    return {p: size for p, size in objects.items() if p.split("/")[0] in complete}
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -90,19 +118,18 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path)
     with EmbeddedS3(buckets=["nan-data"]) as store:
         storage = store.storage()
         storage.upload_tree(_digits(tmp_path / "digits"), "s3://nan-data/digits")
-        storage.upload_file(good, "s3://nan-data/weights/good.safetensors")
-        storage.upload_file(bad, "s3://nan-data/weights/bad.safetensors")
         output = f"s3://nan-data/runs/nan-{uuid.uuid4().hex[:6]}"
 
-        first = _run(_manifest(tmp_path / "a.yaml", store, "s3://nan-data/weights/good.safetensors",
-                               output, epochs=1), tmp_path / "work-a", store)
-        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        manifest = _manifest(tmp_path / "job.yaml", store,
+                             "s3://nan-data/weights/model.safetensors", output, epochs=20)
+        storage.upload_file(good, "s3://nan-data/weights/model.safetensors")
+        assert _run_until_first_checkpoint(manifest, tmp_path / "work-a", store) == 130
         before = _checkpoints(store, output)
         complete = sorted(p.split("/")[0] for p in before if p.endswith("/COMPLETE"))
         assert complete, before
 
-        second = _run(_manifest(tmp_path / "b.yaml", store, "s3://nan-data/weights/bad.safetensors",
-                                output, epochs=2), tmp_path / "work-b", store)
+        storage.upload_file(bad, "s3://nan-data/weights/model.safetensors")
+        second = _run(manifest, tmp_path / "work-b", store)
         after = _checkpoints(store, output)
         lines = second.stderr.strip().splitlines()
         clear = (second.returncode == 1 and len(lines) == 1
