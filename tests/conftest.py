@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+from evaclip.s3server import EmbeddedS3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,3 +20,18 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 for _var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
     os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[EmbeddedS3]:
+    """moto's S3 server on 127.0.0.1 for the whole session."""
+    with EmbeddedS3() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3: EmbeddedS3) -> str:
+    """A new, empty bucket, so tests never see each other's objects."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3.ensure_bucket(name)
+    return name

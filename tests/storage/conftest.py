@@ -9,7 +9,6 @@ Other test areas can reuse the same pieces without these fixtures::
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,21 +16,6 @@ import pytest
 
 from evaclip.s3server import EmbeddedS3, FaultProxy
 from evaclip.storage import MiB, Storage
-
-
-@pytest.fixture(scope="session")
-def s3() -> Iterator[EmbeddedS3]:
-    """moto's S3 server on 127.0.0.1 for the whole session."""
-    with EmbeddedS3() as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(s3: EmbeddedS3) -> str:
-    """A new, empty bucket, so tests never see each other's objects."""
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    s3.ensure_bucket(name)
-    return name
 
 
 @pytest.fixture

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,6 @@ def manifest(**spec: Any) -> dict[str, Any]:
         else:
             out["spec"][key] = value
     return out
-
-
-@pytest.fixture(scope="session")
-def s3() -> Iterator[EmbeddedS3]:
-    with EmbeddedS3() as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(s3: EmbeddedS3) -> str:
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    s3.ensure_bucket(name)
-    return name
 
 
 @pytest.fixture
